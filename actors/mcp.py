@@ -1,0 +1,131 @@
+"""MCP and JSON-RPC rules both the gateway and the actors apply. Sans-IO.
+
+Everything that decides what a message is, which protocol revision a request
+speaks, and where an upstream message must be delivered lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from tether.errors import BadRequest
+
+# Revisions that open a session with `initialize` (the session era).
+HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+# Revisions served over Streamable HTTP with a session id.
+STREAMABLE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+# Stateless revisions: no initialize, no session id, `Mcp-Method` on every request.
+MODERN_VERSIONS = ("2026-07-28",)
+# What a Streamable HTTP server assumes when a request carries no MCP-Protocol-Version.
+DEFAULT_HTTP_VERSION = "2025-03-26"
+# The first revision that forbids JSON-RPC batches.
+NO_BATCH_SINCE = "2025-06-18"
+
+Message = dict[str, Any]
+RequestId = str | int
+
+
+class Kind(Enum):
+    REQUEST = "request"
+    NOTIFICATION = "notification"
+    RESPONSE = "response"
+
+
+def kind_of(message: Mapping[str, Any]) -> Kind:
+    """Classify a message that `check_message` accepted."""
+    if "method" in message:
+        return Kind.REQUEST if "id" in message else Kind.NOTIFICATION
+    return Kind.RESPONSE
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def check_message(message: object) -> Message:
+    """Return `message` if it is a JSON-RPC 2.0 request, notification or response, else raise BadRequest."""
+    if not isinstance(message, dict):
+        raise BadRequest("Invalid Request: a JSON-RPC message must be an object")
+    if message.get("jsonrpc") != "2.0":
+        raise BadRequest('Invalid Request: "jsonrpc" must be "2.0"')
+    if "method" in message:
+        if not isinstance(message["method"], str) or not message["method"]:
+            raise BadRequest('Invalid Request: "method" must be a non-empty string')
+        if "id" in message and not _valid_id(message["id"]):
+            raise BadRequest('Invalid Request: "id" must be a string or an integer')
+        if "params" in message and not isinstance(message["params"], dict | list):
+            raise BadRequest('Invalid Request: "params" must be an object')
+        return message
+    if "id" not in message or not (_valid_id(message["id"]) or message["id"] is None):
+        raise BadRequest('Invalid Request: a message needs "method", or "id" with "result" or "error"')
+    if ("result" in message) == ("error" in message):
+        raise BadRequest('Invalid Request: a response carries exactly one of "result" and "error"')
+    return message
+
+
+def error_response(request_id: RequestId | None, code: int, message: str, data: object = None) -> Message:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def progress_token(message: Mapping[str, Any]) -> object:
+    """The progress token a request asked for (params._meta.progressToken), or None."""
+    params = message.get("params")
+    if isinstance(params, dict):
+        meta = params.get("_meta")
+        if isinstance(meta, dict):
+            return meta.get("progressToken")
+    return None
+
+
+def allows_batch(version: str) -> bool:
+    return version < NO_BATCH_SINCE
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where an upstream message goes: the stream of a pending request, or the session's GET stream."""
+
+    request_id: RequestId | None  # None: the GET stream (or the event log while none is open)
+    final: bool = False  # a response: the request's stream may close after it
+
+
+GET_STREAM = Destination(None)
+
+
+def route_upstream(message: Mapping[str, Any], pending: Mapping[RequestId, object],
+                   tokens: Mapping[object, RequestId]) -> Destination:
+    """Decide which client stream carries `message` from the upstream.
+
+    A response goes to its request's stream; a progress notification to the
+    request that asked for that token; a cancellation of a pending request to
+    that request; everything else (server requests, unrelated notifications)
+    to the GET stream.
+    """
+    if "method" not in message:
+        request_id = _hashable(message.get("id"))
+        if request_id in pending:
+            return Destination(request_id, final=True)
+        return GET_STREAM
+    if "id" in message:
+        return GET_STREAM  # a server-to-client request
+    params = message.get("params")
+    if not isinstance(params, dict):
+        return GET_STREAM
+    method = message["method"]
+    if method == "notifications/progress":
+        owner = tokens.get(_hashable(params.get("progressToken")))
+        return Destination(owner) if owner is not None else GET_STREAM
+    if method == "notifications/cancelled":
+        request_id = _hashable(params.get("requestId"))
+        return Destination(request_id) if request_id in pending else GET_STREAM
+    return GET_STREAM
+
+
+def _hashable(value: object) -> RequestId | None:
+    return value if isinstance(value, str | int) else None

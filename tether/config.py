@@ -1,0 +1,249 @@
+"""Configuration: one TOML file, then `TETHER_*` environment variables, then flags.
+
+Every setting is declared once in `SETTINGS`; the same name is the TOML key, the
+flag (`--idle-timeout`) and the variable (`TETHER_IDLE_TIMEOUT`). Values are
+checked where they are read, and a bad one raises `ConfigError` naming the key,
+the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tether.errors import ConfigError
+
+Kind = type[int] | type[float] | type[str] | type[bool] | type[list[str]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: Kind
+    help: str
+    commands: frozenset[str]
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "TETHER_" + self.name.upper()
+
+
+UP, GW, NODE = "up", "gateway", "node"
+ALL = frozenset({UP, GW, NODE})
+EDGE = frozenset({UP, GW})
+ACTOR = frozenset({UP, NODE})
+
+
+def _s(name: str, kind: Kind, help: str, commands: frozenset[str], **kw: Any) -> Setting:
+    return Setting(name, kind, help, commands, **kw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    _s("host", str, "address to listen on (the gateway, or the node for `tether node`)", ALL),
+    _s("port", int, "port to listen on; 0 picks a free one", ALL, minimum=0),
+    _s("nodes", int, "actor node processes that `tether up` starts", frozenset({UP}), minimum=1),
+    _s("upstream_command", str, "stdio MCP server to start per session (default: the bundled demo)", ACTOR),
+    _s("idle_timeout", float, "seconds without client activity before a session is ended", ACTOR,
+       minimum=0.05),
+    _s("scan_interval", float, "seconds between the node reaper's idle scans", ACTOR, minimum=0.01),
+    _s("keepalive_interval", float, "seconds between keep-alive comments on an idle SSE stream", ALL,
+       minimum=0.01),
+    _s("upstream_start_timeout", float, "seconds an upstream may take to start and answer initialize",
+       ACTOR, minimum=0.1),
+    _s("upstream_request_timeout", float, "seconds an upstream may take to answer one request", ACTOR,
+       minimum=0.1),
+    _s("kill_grace", float, "seconds between SIGTERM and SIGKILL when ending an upstream", ACTOR,
+       minimum=0.0),
+    _s("max_sessions", int, "sessions one node holds before it declines new ones", ACTOR, minimum=1),
+    _s("mailbox_depth", int, "client messages queued per session before 503", ACTOR, minimum=1),
+    _s("event_log_size", int, "server messages kept per session while no stream is open", ACTOR,
+       minimum=1),
+    _s("max_message_bytes", int, "largest JSON-RPC message an upstream may send, in bytes", ACTOR,
+       minimum=1024),
+    _s("max_body_bytes", int, "largest request body the gateway accepts, in bytes (else 413)", EDGE,
+       minimum=64),
+    _s("allowed_origins", list, "Origin values allowed to call the gateway (else 403); '*' allows any",
+       EDGE),
+    _s("response_mode", str, "answer POSTs as 'sse' or 'json' when the client accepts both", EDGE,
+       choices=("sse", "json")),
+    _s("route_cache_size", int, "session routes a gateway caches", EDGE, minimum=1),
+    _s("membership_refresh", float, "seconds between a gateway's reads of ring membership", EDGE,
+       minimum=0.01),
+    _s("heartbeat_ttl", float, "seconds a node's membership lives without a heartbeat", ALL,
+       minimum=0.3),
+    _s("store", str, "where membership and ownership live: 'memory' (embedded, in the gateway) "
+       "or the gateway's store URL for a separate node", ALL),
+    _s("advertise", str, "URL gateways use to reach this node (default http://HOST:PORT)",
+       frozenset({NODE})),
+    _s("node_id", str, "stable identity of this node on the ring (default: node-HOST-PORT)",
+       frozenset({NODE})),
+    _s("internal_secret", str, "shared secret on every gateway-to-node and node-to-store call", ALL),
+    _s("log_level", str, "debug, info, warning or error", ALL,
+       choices=("debug", "info", "warning", "error")),
+)
+BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings of one Tether process. Times are seconds, sizes bytes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    nodes: int = 2
+    upstream_command: str = ""
+    idle_timeout: float = 600.0
+    scan_interval: float = 5.0
+    keepalive_interval: float = 15.0
+    upstream_start_timeout: float = 30.0
+    upstream_request_timeout: float = 300.0
+    kill_grace: float = 3.0
+    max_sessions: int = 1000
+    mailbox_depth: int = 64
+    event_log_size: int = 1000
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 4 * 1024 * 1024
+    allowed_origins: tuple[str, ...] = field(
+        default=("http://localhost", "http://127.0.0.1", "http://[::1]",
+                 "https://localhost", "https://127.0.0.1", "https://[::1]"))
+    response_mode: str = "sse"
+    route_cache_size: int = 100_000
+    membership_refresh: float = 0.5
+    heartbeat_ttl: float = 10.0
+    store: str = "memory"
+    advertise: str = ""
+    node_id: str = ""
+    internal_secret: str = ""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        try:
+            shlex.split(self.upstream_command)
+        except ValueError as exc:
+            raise ConfigError(f"Cannot use upstream_command: got {self.upstream_command!r}, "
+                              f"expected a shell-quoted command line ({exc})") from exc
+
+    def upstream_command_argv(self) -> list[str]:
+        return shlex.split(self.upstream_command)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_value(setting: Setting, raw: object, source: str) -> object:
+    """Turn a raw TOML, environment or flag value into the setting's type, or raise ConfigError."""
+    where = f"{setting.name} (from {source})"
+    try:
+        value = _COERCE[setting.kind](raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"Cannot read {where}: got {raw!r}, expected {_EXPECTED[setting.kind]}") from exc
+    if setting.minimum is not None and isinstance(value, int | float) and value < setting.minimum:
+        raise ConfigError(f"Cannot use {where}: got {raw!r}, expected a value >= {setting.minimum:g}")
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"Cannot use {where}: got {raw!r}, expected one of {', '.join(setting.choices)}")
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _to_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _to_int(raw: object) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError(raw)
+    return int(str(raw).strip()) if isinstance(raw, str) else int(raw)  # type: ignore[call-overload]
+
+
+def _to_float(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    value = float(str(raw).strip()) if isinstance(raw, str) else float(raw)  # type: ignore[arg-type]
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _to_str(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise TypeError(raw)
+    return raw
+
+
+def _to_list(raw: object) -> list[str]:
+    if isinstance(raw, str):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if isinstance(raw, list | tuple) and all(isinstance(item, str) for item in raw):
+        return list(raw)
+    raise TypeError(raw)
+
+
+_COERCE: Mapping[Kind, Callable[[object], object]] = {
+    int: _to_int, float: _to_float, str: _to_str, bool: _to_bool, list: _to_list,
+}
+_EXPECTED: Mapping[Kind, str] = {
+    int: "a whole number", float: "a number of seconds", str: "a string", bool: "true or false",
+    list: "a list of strings (comma-separated in flags and variables)",
+}
+
+
+def read_toml(path: Path) -> dict[str, object]:
+    """Read a TOML config file; keys may sit at the top level or under [tether]."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Cannot read config file {str(path)!r}: it does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Cannot read config file {str(path)!r}: {exc}") from exc
+    section = data.get("tether", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"Cannot read config file {str(path)!r}: [tether] must be a table")
+    return section
+
+
+def load(
+    command: str,
+    *,
+    toml: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+    toml_source: str = "config file",
+) -> Config:
+    """Merge defaults, TOML, environment and flags (later wins) for one command."""
+    values: dict[str, object] = {}
+    for key, raw in (toml or {}).items():
+        setting = BY_NAME.get(key)
+        if setting is None:
+            raise ConfigError(
+                f"Cannot read {key} (from {toml_source}): no such setting; known: {', '.join(BY_NAME)}")
+        values[key] = parse_value(setting, raw, toml_source)
+    for setting in SETTINGS:
+        if env and setting.env in env:
+            values[setting.name] = parse_value(setting, env[setting.env], setting.env)
+        if flags and flags.get(setting.name) is not None:
+            values[setting.name] = parse_value(setting, flags[setting.name], setting.flag)
+    if "port" not in values and command == NODE:
+        values["port"] = 0
+    return Config(**values)  # type: ignore[arg-type]
