@@ -1,0 +1,31 @@
+"""The internal link's contract: paths and headers gateways, nodes and the store share.
+
+Every internal call carries the shared secret; `authorized` checks it in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+SECRET_HEADER = "X-Tether-Secret"
+NODE_HEADER = "X-Tether-Node"
+EPOCH_HEADER = "X-Tether-Epoch"
+CREATE_HEADER = "X-Tether-Create"
+DECLINED_HEADER = "X-Tether-Declined"
+
+SESSIONS_PATH = "/_tether/sessions"
+STORE_PATH = "/_tether/store"
+
+
+def authorized(headers: Mapping[str, str], secret: str) -> bool:
+    """True if the request carries the internal secret."""
+    given = headers.get(SECRET_HEADER, "")
+    return bool(secret) and hmac.compare_digest(given.encode(), secret.encode())
+
+
+def session_path(sid: str) -> str:
+    return f"{SESSIONS_PATH}/{sid}"
+
+RESPONSE_HEADER = "X-Tether-Response"  # "sse" or "json": how the client wants POST answers
+BATCH_HEADER = "X-Tether-Batch"  # "1" when the client sent a JSON-RPC batch

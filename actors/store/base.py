@@ -1,0 +1,85 @@
+"""The `Store` protocol and the records it keeps.
+
+Shaped for both the in-memory store (one host) and Redis (many): membership is
+a set of node records that live only while heartbeats renew them; ownership is
+one record per session key, granted with an epoch that only ever grows, and
+released only by the holder of that epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """One actor node as the ring sees it."""
+
+    node_id: str
+    url: str
+    accepting: bool = True
+    sessions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeRecord:
+        return cls(str(data["node_id"]), str(data["url"]), bool(data.get("accepting", True)),
+                   int(data.get("sessions", 0)))
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The live nodes, and a generation that changes whenever the set or their acceptance does."""
+
+    generation: int
+    nodes: tuple[NodeRecord, ...]
+
+    def by_id(self) -> dict[str, NodeRecord]:
+        return {node.node_id: node for node in self.nodes}
+
+
+@dataclass(frozen=True)
+class OwnershipRecord:
+    """Who serves a key, fenced by an epoch that grows on every grant."""
+
+    key: str
+    node_id: str
+    epoch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OwnershipRecord:
+        return cls(str(data["key"]), str(data["node_id"]), int(data["epoch"]))
+
+
+class Store(Protocol):
+    """Membership and ownership. Implementations raise `StoreError` when unreachable."""
+
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
+        """Add or renew `node` for `ttl` seconds."""
+
+    async def leave(self, node_id: str) -> None:
+        """Remove a node at once (a clean shutdown)."""
+
+    async def membership(self) -> Membership:
+        """The nodes whose heartbeat has not lapsed."""
+
+    async def grant(self, key: str, node_id: str) -> OwnershipRecord:
+        """Make `node_id` the owner of `key` with a fresh epoch.
+
+        Raises `OwnershipConflict` if a live node already owns the key.
+        """
+
+    async def lookup(self, key: str) -> OwnershipRecord | None:
+        """The current owner of `key`, or None."""
+
+    async def release(self, record: OwnershipRecord) -> bool:
+        """Delete the record if it is still this owner's at this epoch; True if it was."""
+
+    async def close(self) -> None:
+        """Release connections."""

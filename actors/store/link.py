@@ -1,0 +1,128 @@
+"""The embedded store over the internal link.
+
+With the memory store, membership and ownership live in the gateway process;
+node processes reach them here: `StoreLink` is a `Store` that calls
+`store_routes`, which serve a `MemoryStore` (or any `Store`) behind the secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from actors.internal import SECRET_HEADER, STORE_PATH, authorized
+from actors.store.base import Membership, NodeRecord, OwnershipRecord, Store
+from tether.errors import OwnershipConflict, StoreError
+
+Op = Callable[[Store, dict[str, Any]], Awaitable[Any]]
+
+
+async def _heartbeat(store: Store, body: dict[str, Any]) -> None:
+    await store.heartbeat(NodeRecord.from_dict(body["node"]), float(body["ttl"]))
+
+
+async def _leave(store: Store, body: dict[str, Any]) -> None:
+    await store.leave(str(body["node_id"]))
+
+
+async def _membership(store: Store, body: dict[str, Any]) -> dict[str, Any]:
+    m = await store.membership()
+    return {"generation": m.generation, "nodes": [n.to_dict() for n in m.nodes]}
+
+
+async def _grant(store: Store, body: dict[str, Any]) -> dict[str, Any]:
+    return (await store.grant(str(body["key"]), str(body["node_id"]))).to_dict()
+
+
+async def _lookup(store: Store, body: dict[str, Any]) -> dict[str, Any] | None:
+    record = await store.lookup(str(body["key"]))
+    return record.to_dict() if record else None
+
+
+async def _release(store: Store, body: dict[str, Any]) -> bool:
+    return await store.release(OwnershipRecord.from_dict(body["record"]))
+
+
+OPS: dict[str, Op] = {
+    "heartbeat": _heartbeat, "leave": _leave, "membership": _membership,
+    "grant": _grant, "lookup": _lookup, "release": _release,
+}
+
+
+def store_routes(store: Store, secret: str) -> list[web.RouteDef]:
+    """aiohttp routes that serve `store` to nodes at `/_tether/store/{op}`."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if not authorized(request.headers, secret):
+            return web.json_response({"error": "internal secret missing or wrong"}, status=401)
+        op = OPS.get(request.match_info["op"])
+        if op is None:
+            return web.json_response({"error": f"no store operation {request.match_info['op']!r}"},
+                                     status=404)
+        try:
+            body = orjson.loads(await request.read())
+            result = await op(store, body)
+        except OwnershipConflict as exc:
+            return web.json_response({"error": exc.message, "conflict": True}, status=409)
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+            return web.json_response({"error": f"bad store request: {exc!r}"}, status=400)
+        return web.Response(body=orjson.dumps({"result": result}), content_type="application/json")
+
+    return [web.post(STORE_PATH + "/{op}", handle)]
+
+
+class StoreLink:
+    """A `Store` served by another process over the authenticated internal link."""
+
+    def __init__(self, base_url: str, secret: str, timeout: float = 5.0) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {SECRET_HEADER: secret, "Content-Type": "application/json"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"StoreLink({self._base!r})"
+
+    async def _call(self, op: str, body: dict[str, Any]) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            async with self._session.post(f"{self._base}/{op}", data=orjson.dumps(body),
+                                          headers=self._headers) as resp:
+                payload = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise StoreError(f"Cannot reach the store at {self._base}: {exc!r}") from exc
+        if resp.status == 409:
+            raise OwnershipConflict(payload.get("error", "conflict"))
+        if resp.status != 200:
+            raise StoreError(f"Cannot {op} at the store {self._base}: {resp.status} {payload.get('error')}")
+        return payload["result"]
+
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
+        await self._call("heartbeat", {"node": node.to_dict(), "ttl": ttl})
+
+    async def leave(self, node_id: str) -> None:
+        await self._call("leave", {"node_id": node_id})
+
+    async def membership(self) -> Membership:
+        data = await self._call("membership", {})
+        return Membership(int(data["generation"]), tuple(NodeRecord.from_dict(n) for n in data["nodes"]))
+
+    async def grant(self, key: str, node_id: str) -> OwnershipRecord:
+        return OwnershipRecord.from_dict(await self._call("grant", {"key": key, "node_id": node_id}))
+
+    async def lookup(self, key: str) -> OwnershipRecord | None:
+        data = await self._call("lookup", {"key": key})
+        return OwnershipRecord.from_dict(data) if data else None
+
+    async def release(self, record: OwnershipRecord) -> bool:
+        return bool(await self._call("release", {"record": record.to_dict()}))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
