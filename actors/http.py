@@ -1,0 +1,63 @@
+"""HTTP pieces the node and the gateway share: error answers, health routes, the secret check."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from actors.internal import authorized
+from actors.mcp import error_response
+from tether.errors import INVALID_REQUEST, TetherError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_answer(exc: TetherError, request_id: object = None) -> web.Response:
+    """The HTTP answer for a TetherError: its status, a JSON-RPC error body, Retry-After if any."""
+    code = exc.rpc_code if exc.rpc_code is not None else INVALID_REQUEST
+    body = error_response(request_id, code, exc.message, exc.data)  # type: ignore[arg-type]
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json",
+                        headers=headers)
+
+
+@web.middleware
+async def tether_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TetherError as exc:
+        return error_answer(exc)
+
+
+def internal_only(secret: str, prefix: str = "/_tether/") -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: paths under `prefix` need the internal secret (401 otherwise)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(prefix) and not authorized(request.headers, secret):
+            return web.json_response({"error": "internal secret missing or wrong"}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def health_routes(registry: CollectorRegistry, ready: Callable[[], bool]) -> list[web.RouteDef]:
+    """`/healthz` (alive), `/readyz` (accepting work) and `/metrics` (Prometheus text)."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ready\n")
+        return web.Response(text="not ready\n", status=503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]

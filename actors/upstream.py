@@ -1,0 +1,136 @@
+"""The stdio upstream: one MCP server process per session, in its own process group.
+
+The command comes from configuration only. The process gets a scrubbed
+environment, its own process group (so ending it ends its children too) and,
+where `setpriv` exists, a parent-death signal, so a node that is killed does
+not leave servers behind. `stop()` always reaps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from tether.errors import UpstreamError
+
+log = logging.getLogger("tether.node")
+
+# What an upstream inherits from the node's environment; everything else is dropped.
+ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME",
+                 "SHELL", "TERM", "NODE_PATH", "NPM_CONFIG_CACHE", "npm_config_cache",
+                 "VIRTUAL_ENV", "PYTHONPATH", "UV_CACHE_DIR", "XDG_CACHE_HOME")
+_SETPRIV = shutil.which("setpriv")
+
+
+def scrubbed_env(extra: Mapping[str, str], source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allowlisted part of `source` (default: this process's environment) plus `extra`."""
+    source = os.environ if source is None else source
+    env = {key: source[key] for key in ENV_ALLOWLIST if key in source}
+    env.update(extra)
+    return env
+
+
+def with_death_signal(argv: Sequence[str], sig: str = "KILL") -> list[str]:
+    """`argv` prefixed so the kernel signals the process when its parent dies (Linux, if available)."""
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, f"--pdeathsig={sig}", "--", *argv]
+
+
+class StdioUpstream:
+    """Newline-delimited JSON-RPC over a child's stdin and stdout."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], *, env: Mapping[str, str], max_message_bytes: int,
+                    cwd: str | None = None) -> StdioUpstream:
+        """Spawn the server. Raises `UpstreamError` if it cannot be started."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *with_death_signal(argv), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=dict(env), cwd=cwd, start_new_session=True,
+                limit=max_message_bytes)
+        except OSError as exc:
+            raise UpstreamError(f"Cannot start upstream {argv[0]!r}: {exc.strerror or exc}") from exc
+        return cls(process)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    def __repr__(self) -> str:
+        return f"StdioUpstream(pid={self.pid}, returncode={self.returncode})"
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Write one message. Raises `UpstreamError` if the process no longer reads."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        async with self._write_lock:
+            try:
+                stdin.write(orjson.dumps(message) + b"\n")
+                await stdin.drain()
+            except (ConnectionError, RuntimeError) as exc:
+                raise UpstreamError("Cannot write to upstream: it has exited") from exc
+
+    async def receive(self) -> dict[str, Any] | list[Any] | None:
+        """The next JSON-RPC message, or None at end of output. Lines that are not JSON are logged."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError as exc:  # a line longer than the reader's limit
+                raise UpstreamError(f"Cannot read upstream message: {exc}") from exc
+            if not line:
+                return None
+            try:
+                message = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                log.warning("upstream.not_json", extra={"pid": self.pid, "detail": line[:200].decode(
+                    errors="replace")})
+                continue
+            if isinstance(message, dict | list):
+                return message
+
+    async def stderr_lines(self) -> None:
+        """Forward the server's stderr to the node log, so the pipe never fills."""
+        stderr = self._process.stderr
+        assert stderr is not None
+        while line := await stderr.readline():
+            log.info("upstream.stderr", extra={"pid": self.pid,
+                                               "detail": line[:500].decode(errors="replace").rstrip()})
+
+    async def stop(self, grace: float) -> int | None:
+        """End the process group: close stdin, SIGTERM, SIGKILL after `grace`; always reap."""
+        process = self._process
+        if process.stdin is not None and not process.stdin.is_closing():
+            process.stdin.close()
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=grace)
+        except TimeoutError:
+            log.warning("upstream.kill", extra={"pid": self.pid, "detail": f"no exit {grace}s after SIGTERM"})
+        # The group may hold children the leader left behind; they go too.
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            return await process.wait()
+        return process.returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, sig)
