@@ -1,0 +1,1 @@
+"""Tether's edge: client transports, MCP rules, routing and the link to actor nodes."""

@@ -1,0 +1,274 @@
+"""The gateway's aiohttp edge: Streamable HTTP on `/mcp`, routed to the owning node.
+
+Handlers apply `gateway.rules`, ask `actors.placement` where a session lives,
+and relay the node's answer byte for byte (SSE streamed as it arrives). The
+gateway keeps no session state but its route cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from actors.http import Handler, error_answer, health_routes, internal_only
+from actors.ids import is_valid_session_id, mint_session_id
+from actors.internal import (
+    BATCH_HEADER,
+    CREATE_HEADER,
+    DECLINED_HEADER,
+    EPOCH_HEADER,
+    RESPONSE_HEADER,
+)
+from actors.mcp import MODERN_VERSIONS
+from actors.node import bind_socket
+from actors.placement import Placement
+from actors.sse import HEADERS as SSE_HEADERS
+from actors.store.base import OwnershipRecord, Store
+from actors.store.link import store_routes
+from gateway import rules
+from gateway.link import NodeLink
+from gateway.metrics import GatewayMetrics
+from tether.config import Config
+from tether.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    Overloaded,
+    PayloadTooLarge,
+    SessionNotFound,
+    TetherError,
+)
+from tether.tasks import TaskSet
+
+log = logging.getLogger("tether.gateway")
+
+SESSION_HEADER = "Mcp-Session-Id"
+VERSION_HEADER = "MCP-Protocol-Version"
+MCP_PATH = "/mcp"
+TRANSPORT = "streamable_http"
+# Client headers a node needs to see; nothing else crosses the link.
+_FORWARDED = (VERSION_HEADER, "Last-Event-ID")
+
+
+class Gateway:
+    """Routes client requests to the node that owns their session."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.placement = Placement(store, config.route_cache_size)
+        self.link = NodeLink(config.internal_secret)
+        self.metrics = GatewayMetrics(self.placement)
+        self._tasks = TaskSet("gateway")
+        self.url = ""
+
+    def ready(self) -> bool:
+        return len(self.placement.ring) > 0
+
+    async def membership_loop(self) -> None:
+        while True:
+            try:
+                if await self.placement.refresh():
+                    log.info("ring.changed", extra={"detail": repr(self.placement.ring)})
+            except TetherError as exc:
+                log.warning("membership.read_failed", extra={"detail": exc.message})
+            await asyncio.sleep(self.config.membership_refresh)
+
+    async def start(self) -> None:
+        await self.placement.refresh()
+        self._tasks.spawn(self.membership_loop(), "membership")
+
+    async def close(self) -> None:
+        await self._tasks.close()
+        await self.link.close()
+
+    # -- routing ---------------------------------------------------------------
+
+    async def create_session(self, request: web.Request, body: bytes, mode: str,
+                             version: str) -> web.StreamResponse:
+        """Mint a session id and place the session on the first node of its ring order that accepts it."""
+        sid = mint_session_id()
+        headers = {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version}
+        candidates = self.placement.candidates(sid)
+        if not candidates:  # a ring that has not seen its first members yet: look once more
+            await self.placement.refresh()
+            candidates = self.placement.candidates(sid)
+        for node in candidates:
+            try:
+                resp = await self.link.call(node, "POST", sid, body=body, headers=headers)
+            except Overloaded as exc:
+                log.warning("placement.unreachable", extra={"node": node.node_id, "detail": exc.message})
+                continue
+            if resp.status == 503 and resp.headers.get(DECLINED_HEADER):
+                resp.release()
+                self.metrics.declines.inc()
+                continue
+            extra = {}
+            if epoch := resp.headers.get(EPOCH_HEADER):
+                self.placement.remember(OwnershipRecord(sid, node.node_id, int(epoch)))
+                self.metrics.sessions_created.inc()
+                extra[SESSION_HEADER] = sid
+            return await self.relay(request, resp, extra)
+        raise Overloaded("Service Unavailable: no actor node can take a new session now", retry_after=5.0)
+
+    async def forward(self, request: web.Request, method: str, sid: str, *, body: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+        """Send a request to the owner of `sid` and relay its answer. Raises `SessionNotFound`."""
+        if not is_valid_session_id(sid):
+            raise SessionNotFound("Session not found")
+        _, node = await self.placement.locate(sid)
+        resp = await self.link.call(node, method, sid, body=body, headers=headers)
+        if resp.status == 404:
+            self.placement.forget(sid)
+        return await self.relay(request, resp, {})
+
+    async def relay(self, request: web.Request, resp: aiohttp.ClientResponse,
+                    extra: Mapping[str, str]) -> web.StreamResponse:
+        """Copy a node's answer to the client; SSE is streamed chunk by chunk, never buffered whole."""
+        try:
+            if resp.content_type != "text/event-stream":
+                headers = {k: resp.headers[k] for k in ("Content-Type", "Retry-After") if k in resp.headers}
+                return web.Response(status=resp.status, body=await resp.read(), headers={**headers, **extra})
+            out = web.StreamResponse(status=resp.status, headers={**SSE_HEADERS, **extra})
+            await out.prepare(request)
+            gauge = self.metrics.streams_open.labels(TRANSPORT)
+            gauge.inc()
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except (ConnectionError, aiohttp.ClientPayloadError):
+                pass  # one side went away; closing the link response tells the node
+            finally:
+                gauge.dec()
+            return out
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def _forwarded(request: web.Request, **extra: str) -> dict[str, str]:
+    headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
+    headers.update(extra)
+    return headers
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Payload Too Large: the body is {request.content_length} bytes, "
+                              f"the limit is {limit}")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Payload Too Large: the body is over the {limit}-byte limit") from None
+
+
+async def handle_post(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    config = gw.config
+    post: rules.Post | None = None
+    try:
+        rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
+        mode = rules.post_answer_mode(request.headers.get("Content-Type"), request.headers.get("Accept"),
+                                      config.response_mode)
+        version = rules.protocol_version(request.headers.get(VERSION_HEADER))
+        body = await _read_body(request, config.max_body_bytes)
+        post = rules.parse_post(body, version)
+        sid = rules.session_id(request.headers.get(SESSION_HEADER))
+        if sid is None:
+            if post.initialize:
+                return await gw.create_session(request, body, mode, version)
+            if version in MODERN_VERSIONS:
+                raise rules.stateless_fallback(version)
+            raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required (start with initialize)")
+        if post.initialize:
+            raise BadRequest("Invalid Request: this session is already initialized")
+        extra = {RESPONSE_HEADER: mode, **({BATCH_HEADER: "1"} if post.batch else {})}
+        return await gw.forward(request, "POST", sid, body=body, headers=_forwarded(request, **extra))
+    except TetherError as exc:
+        return error_answer(exc, post.first_id if post and not post.batch else None)
+
+
+def _session_request(request: web.Request, purpose: str) -> str:
+    """The checks every GET and DELETE passes; returns the session id. Raises TetherError."""
+    config = request.app[GATEWAY_KEY].config
+    rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
+    rules.protocol_version(request.headers.get(VERSION_HEADER))
+    sid = rules.session_id(request.headers.get(SESSION_HEADER))
+    if sid is None:
+        raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required to {purpose}")
+    return sid
+
+
+async def handle_get(request: web.Request) -> web.StreamResponse:
+    sid = _session_request(request, "open a stream")
+    rules.check_stream_accept(request.headers.get("Accept"))
+    return await request.app[GATEWAY_KEY].forward(request, "GET", sid, headers=_forwarded(request))
+
+
+async def handle_delete(request: web.Request) -> web.StreamResponse:
+    sid = _session_request(request, "end a session")
+    return await request.app[GATEWAY_KEY].forward(request, "DELETE", sid, headers=_forwarded(request))
+
+
+async def handle_other(request: web.Request) -> web.StreamResponse:
+    raise MethodNotAllowed(f"Method Not Allowed: {request.method} on {MCP_PATH}; use POST, GET or DELETE")
+
+
+@web.middleware
+async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every client request; map TetherErrors to their answers."""
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except TetherError as exc:
+        response = error_answer(exc)
+    if request.path == MCP_PATH:
+        gw = request.app[GATEWAY_KEY]
+        label = request.method.lower()
+        gw.metrics.requests.labels(TRANSPORT, label, str(response.status)).inc()
+        gw.metrics.latency.labels(TRANSPORT, label).observe(time.monotonic() - started)
+    return response
+
+
+def build_gateway_app(gateway: Gateway, store: Store | None = None) -> web.Application:
+    """The gateway app; with `store`, it also serves that store to nodes over the internal link."""
+    config = gateway.config
+    app = web.Application(middlewares=[measured, internal_only(config.internal_secret)],
+                          client_max_size=config.max_body_bytes)
+    app[GATEWAY_KEY] = gateway
+    app.add_routes([web.post(MCP_PATH, handle_post), web.get(MCP_PATH, handle_get),
+                    web.delete(MCP_PATH, handle_delete), web.route("*", MCP_PATH, handle_other)])
+    app.add_routes(health_routes(gateway.metrics.registry, gateway.ready))
+    if store is not None:
+        app.add_routes(store_routes(store, config.internal_secret))
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(config: Config, store: Store, *, host_store: bool) -> AsyncIterator[Gateway]:
+    """Run a gateway until the context ends; yields it, its base URL (http://host:port) in `url`."""
+    sock = bind_socket(config.host, config.port)
+    port = sock.getsockname()[1]
+    gateway = Gateway(config, store)
+    runner = web.AppRunner(build_gateway_app(gateway, store if host_store else None), access_log=None,
+                           handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    await gateway.start()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    gateway.url = f"http://{host}:{port}"
+    log.info("gateway.started", extra={"url": gateway.url})
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+        await runner.cleanup()

@@ -1,0 +1,65 @@
+"""Every metric the gateway exports, in one place. Prefix `tether_`, unit in the name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from actors.metrics import LATENCY_BUCKETS
+from actors.placement import Placement
+
+# JSON-RPC methods counted by name; anything else is "other", so a client cannot blow up cardinality.
+KNOWN_METHODS = frozenset({
+    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
+    "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
+    "prompts/get", "completion/complete", "logging/setLevel", "server/discover",
+    "notifications/initialized", "notifications/cancelled", "notifications/progress",
+    "notifications/roots/list_changed", "response",
+})
+
+
+def method_label(method: str | None) -> str:
+    if method is None:
+        return "none"
+    return method if method in KNOWN_METHODS else "other"
+
+
+class PlacementCollector(Collector):
+    """Reads the route cache and ring at scrape time, so the hot path counts with plain integers."""
+
+    def __init__(self, placement: Placement) -> None:
+        self._placement = placement
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._placement
+        cache = CounterMetricFamily("tether_gateway_route_cache", "Route cache lookups", labels=["result"])
+        cache.add_metric(["hit"], p.cache_hits)
+        cache.add_metric(["miss"], p.cache_misses)
+        yield cache
+        yield GaugeMetricFamily("tether_ring_members", "Nodes on the ring", value=len(p.ring))
+        yield GaugeMetricFamily("tether_ring_generation", "Membership generation of the ring",
+                                value=p.ring.generation)
+        yield GaugeMetricFamily("tether_gateway_routes_cached", "Session routes cached", value=len(p.cache))
+
+
+class GatewayMetrics:
+    def __init__(self, placement: Placement, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tether_gateway_requests_total", "Client requests, by transport, method, status",
+                                ["transport", "method", "status"], registry=r)
+        self.latency = Histogram("tether_gateway_request_seconds",
+                                 "Time to the answer's headers, by transport and method",
+                                 ["transport", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.sessions_created = Counter("tether_gateway_sessions_created_total", "Sessions placed on a node",
+                                        registry=r)
+        self.declines = Counter("tether_gateway_placement_declines_total",
+                                "Nodes that declined a new session (full or draining)", registry=r)
+        self.streams_open = Gauge("tether_gateway_streams_open", "Client SSE streams open", ["transport"],
+                                  registry=r)
+        self.link_errors = Counter("tether_gateway_link_errors_total", "Calls to a node that failed",
+                                   registry=r)
+        r.register(PlacementCollector(placement))

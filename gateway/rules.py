@@ -1,0 +1,152 @@
+"""The MCP edge rules of the gateway. Sans-IO: headers and bytes in, decisions or errors out.
+
+Everything the gateway checks before a request may reach a node lives here:
+Origin, Accept, Content-Type, MCP-Protocol-Version, the session id header and
+the shape of the body. Each check raises the `TetherError` whose status the
+Streamable HTTP transport prescribes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import orjson
+
+from actors.ids import is_visible_ascii
+from actors.mcp import (
+    DEFAULT_HTTP_VERSION,
+    HANDSHAKE_VERSIONS,
+    MODERN_VERSIONS,
+    STREAMABLE_VERSIONS,
+    Kind,
+    Message,
+    allows_batch,
+    check_message,
+    kind_of,
+)
+from tether.errors import (
+    BadRequest,
+    Forbidden,
+    NotAcceptable,
+    ParseError,
+    UnsupportedMediaType,
+    UnsupportedProtocolVersion,
+)
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+def check_origin(origin: str | None, allowed: Sequence[str]) -> None:
+    """Refuse a browser Origin that is not allowed (DNS-rebinding protection). Raises `Forbidden`."""
+    if origin is None or "*" in allowed or origin in allowed:
+        return
+    parts = urlsplit(origin)
+    bare = f"{parts.scheme}://{parts.hostname}" if parts.hostname else origin
+    if ":" in (parts.hostname or "") and parts.hostname:
+        bare = f"{parts.scheme}://[{parts.hostname}]"
+    if bare not in allowed:
+        raise Forbidden(f"Forbidden: Origin {origin!r} is not allowed")
+
+
+def accepted(accept: str | None) -> tuple[bool, bool]:
+    """Whether an Accept header admits (JSON, SSE). A missing header admits both."""
+    if not accept:
+        return True, True
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    wild = "*/*" in types
+    return (wild or JSON in types or "application/*" in types,
+            wild or SSE in types or "text/*" in types)
+
+
+def post_answer_mode(content_type: str | None, accept: str | None, preferred: str) -> str:
+    """'sse' or 'json' for a POST. Raises `UnsupportedMediaType` (415) or `NotAcceptable` (406)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != JSON:
+        raise UnsupportedMediaType(f"Unsupported Media Type: Content-Type must be {JSON}, got {media or 'none'!r}")
+    json_ok, sse_ok = accepted(accept)
+    if not (json_ok or sse_ok):
+        raise NotAcceptable(f"Not Acceptable: Accept must include {JSON} and {SSE}")
+    if sse_ok and (preferred == "sse" or not json_ok):
+        return "sse"
+    return "json"
+
+
+def check_stream_accept(accept: str | None) -> None:
+    """A GET stream needs `text/event-stream` in Accept. Raises `NotAcceptable`."""
+    if not accepted(accept)[1]:
+        raise NotAcceptable(f"Not Acceptable: Accept must include {SSE} to open a stream")
+
+
+def protocol_version(header: str | None) -> str:
+    """The revision a request speaks. Raises `UnsupportedProtocolVersion` (400) for one we do not serve."""
+    if header is None:
+        return DEFAULT_HTTP_VERSION
+    version = header.strip()
+    if version in STREAMABLE_VERSIONS or version in MODERN_VERSIONS:
+        return version
+    supported = [*STREAMABLE_VERSIONS, *MODERN_VERSIONS]
+    raise UnsupportedProtocolVersion(
+        f"Bad Request: unsupported MCP-Protocol-Version {version!r}; supported: {', '.join(supported)}",
+        data={"supported": supported, "requested": version})
+
+
+def session_id(header: str | None) -> str | None:
+    """The Mcp-Session-Id header, if any. Raises `BadRequest` for characters the spec forbids."""
+    if header is None:
+        return None
+    if not is_visible_ascii(header):
+        raise BadRequest("Bad Request: Mcp-Session-Id must be 1 to 256 visible ASCII characters")
+    return header
+
+
+@dataclass(frozen=True)
+class Post:
+    """A parsed, checked POST body."""
+
+    messages: tuple[Message, ...]
+    batch: bool
+
+    @property
+    def initialize(self) -> bool:
+        return any(m.get("method") == "initialize" for m in self.messages)
+
+    @property
+    def has_requests(self) -> bool:
+        return any(kind_of(m) is Kind.REQUEST for m in self.messages)
+
+    @property
+    def first_id(self) -> object:
+        return self.messages[0].get("id") if self.messages else None
+
+
+def parse_post(body: bytes, version: str) -> Post:
+    """Parse and check a POST body. Raises `ParseError` for bad JSON, `BadRequest` for bad JSON-RPC."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(f"Parse error: the body is not valid JSON ({exc})") from None
+    if isinstance(data, list):
+        if not allows_batch(version):
+            raise BadRequest(f"Invalid Request: JSON-RPC batches are not allowed in protocol revision {version}")
+        if not data:
+            raise BadRequest("Invalid Request: an empty batch")
+        post = Post(tuple(check_message(m) for m in data), batch=True)
+        if post.initialize:
+            raise BadRequest("Invalid Request: initialize must not be part of a batch")
+        return post
+    return Post((check_message(data),), batch=False)
+
+
+def stateless_fallback(version: str) -> UnsupportedProtocolVersion:
+    """What a stateless (2026-07-28) request gets when only session-era upstreams sit behind us.
+
+    The -32022 error names the handshake revisions, which tells a client in
+    `auto` mode to fall back to `initialize`.
+    """
+    return UnsupportedProtocolVersion(
+        f"Unsupported protocol version {version}: this server speaks the session-era revisions; "
+        "open a session with initialize",
+        data={"supported": list(HANDSHAKE_VERSIONS), "requested": version})
