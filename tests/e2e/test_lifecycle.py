@@ -1,0 +1,146 @@
+"""Sessions end cleanly: DELETE, idle expiry, upstream exit, and stopping `tether up` itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import start_tether
+from tests.support import RawClient, TetherUp, call_tool, process_exists, wait_process_gone, wait_until
+
+IDLE = 1.0
+SCAN = 0.2
+KEEPALIVE = 0.2
+GRACE = 1.0
+# Rule 4: gone within idle timeout plus one scan interval (plus the kill grace and scheduling slack).
+REAP_DEADLINE = IDLE + SCAN + GRACE + 5.0
+LIST = {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}
+
+
+@pytest.fixture(scope="module")
+def short_idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherUp]:
+    up = start_tether(tmp_path_factory.mktemp("idle"), "--idle-timeout", str(IDLE), "--scan-interval",
+                      str(SCAN), "--keepalive-interval", str(KEEPALIVE), "--kill-grace", str(GRACE))
+    yield up
+    assert up.stop() == 0, up.log()[-3000:]
+
+
+@pytest.fixture
+def idle_raw(http: aiohttp.ClientSession, short_idle: TetherUp) -> RawClient:
+    return RawClient(http, short_idle.mcp_url)
+
+
+async def node_metric(http: aiohttp.ClientSession, up: TetherUp, name: str, **labels: str) -> float:
+    """Sum a metric over every node's /metrics page."""
+    total = 0.0
+    for url, _ in up.nodes.values():
+        async with http.get(url + "/metrics") as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_delete_ends_the_session_and_reaps_its_server(raw: RawClient, tether: TetherUp,
+                                                            http: aiohttp.ClientSession) -> None:
+    sid = await raw.initialize()
+    pid = (await raw.whoami(sid))["pid"]
+    deleted_before = await node_metric(http, tether, "tether_node_sessions_ended_total", reason="deleted")
+    async with raw.session.delete(raw.url, headers={"Mcp-Session-Id": sid}) as resp:
+        assert resp.status == 200
+    await wait_process_gone(pid, timeout=10)
+    status, _, _ = await raw.post(LIST, sid=sid)
+    assert status == 404
+    async with raw.session.get(raw.url, headers={"Mcp-Session-Id": sid, "Accept": "text/event-stream"}) as r:
+        assert r.status == 404
+    async with raw.session.delete(raw.url, headers={"Mcp-Session-Id": sid}) as resp:
+        assert resp.status == 404
+    deleted_after = await node_metric(http, tether, "tether_node_sessions_ended_total", reason="deleted")
+    assert deleted_after == deleted_before + 1
+
+
+async def test_idle_session_is_reaped_and_then_404(idle_raw: RawClient, short_idle: TetherUp,
+                                                   http: aiohttp.ClientSession) -> None:
+    sid = await idle_raw.initialize()
+    pid = (await idle_raw.whoami(sid))["pid"]
+    await wait_process_gone(pid, timeout=REAP_DEADLINE)
+    status, _, _ = await idle_raw.post(LIST, sid=sid)
+    assert status == 404
+    assert await node_metric(http, short_idle, "tether_node_sessions_ended_total", reason="idle") >= 1
+
+
+async def test_open_stream_keeps_the_session_alive(idle_raw: RawClient) -> None:
+    sid = await idle_raw.initialize()
+    pid = (await idle_raw.whoami(sid))["pid"]
+    headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+    async with idle_raw.session.get(idle_raw.url, headers=headers) as stream:
+        assert stream.status == 200
+        pings = 0
+        # Each ping is one keep-alive interval: read three idle timeouts' worth of them.
+        while pings < 3 * IDLE / KEEPALIVE:
+            line = await stream.content.readline()
+            assert line, "the stream closed while the session should be alive"
+            pings += line.startswith(b": ping")
+        assert process_exists(pid)
+        assert (await idle_raw.call(sid, LIST))["result"]["tools"]
+    await wait_process_gone(pid, timeout=REAP_DEADLINE)  # with the stream gone, idle expiry resumes
+
+
+async def test_server_messages_reach_the_stream_or_wait_in_the_log(idle_raw: RawClient) -> None:
+    sid = await idle_raw.initialize()
+    headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+    # With no stream open, the notification waits in the session's event log...
+    await idle_raw.call(sid, call_tool(4, "announce_change"))
+    async with idle_raw.session.get(idle_raw.url, headers=headers) as stream:
+        assert stream.status == 200
+        assert await next_message(stream) == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+        # ...and with one open, it arrives there, not on the POST's answer.
+        answer = await idle_raw.call(sid, call_tool(5, "announce_change"))
+        assert answer["result"]["content"][0]["text"] == "announced"
+        assert (await next_message(stream))["method"] == "notifications/tools/list_changed"
+        async with idle_raw.session.get(idle_raw.url, headers=headers) as second:
+            assert second.status == 409  # one GET stream per session at a time
+
+
+async def next_message(stream: aiohttp.ClientResponse) -> dict[str, object]:
+    """The next JSON-RPC message on an SSE stream, skipping keep-alive comments."""
+    while line := await stream.content.readline():
+        if line.startswith(b"data:"):
+            return orjson.loads(line[5:])  # type: ignore[no-any-return]
+    raise AssertionError("the stream ended")
+
+
+async def test_upstream_exit_ends_the_session(idle_raw: RawClient) -> None:
+    sid = await idle_raw.initialize()
+    pid = (await idle_raw.whoami(sid))["pid"]
+    os.kill(pid, signal.SIGKILL)  # a crash of the server this test's tether started
+
+    async def answers_404() -> bool:
+        return (await idle_raw.post(LIST, sid=sid))[0] == 404
+
+    await wait_until(answers_404, timeout=10, what="404 after the upstream died")
+    await wait_process_gone(pid, timeout=10)
+
+
+async def test_stopping_tether_up_leaves_no_process_behind(tmp_path: Path,
+                                                            http: aiohttp.ClientSession) -> None:
+    up = start_tether(tmp_path, "--kill-grace", "1")
+    raw = RawClient(http, up.mcp_url)
+    sids = [await raw.initialize() for _ in range(4)]
+    upstream_pids = [(await raw.whoami(sid))["pid"] for sid in sids]
+    # One request still running when Ctrl-C lands.
+    pending = raw.session.post(raw.url, json=call_tool(5, "count_slowly", {"steps": 1}),
+                               headers={"Mcp-Session-Id": sids[0], "Accept": "application/json"})
+    async with pending as resp:
+        assert resp.status == 200
+    node_pids = [pid for _, pid in up.nodes.values()]
+    assert up.stop() == 0
+    for pid in [*upstream_pids, *node_pids]:
+        assert not process_exists(pid), f"pid {pid} outlived tether up"
+    assert "Traceback" not in up.log()

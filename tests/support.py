@@ -1,0 +1,175 @@
+"""Helpers the tests share: a real `tether up` process, raw MCP requests, process checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+LATEST = "2025-11-25"
+ACCEPT_BOTH = "application/json, text/event-stream"
+
+
+def initialize_message(request_id: int = 1, version: str = LATEST) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "initialize",
+            "params": {"protocolVersion": version, "capabilities": {},
+                       "clientInfo": {"name": "tether-tests", "version": "0"}}}
+
+
+def call_tool(request_id: int, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments or {}}}
+
+
+@dataclass
+class TetherUp:
+    """A real `tether up` child process, its URL and its nodes, read from the banner it prints."""
+
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    base_url: str = ""
+    nodes: dict[str, tuple[str, int]] = field(default_factory=dict)  # node id -> (url, pid)
+
+    @property
+    def mcp_url(self) -> str:
+        return self.base_url + "/mcp"
+
+    def start(self, timeout: float = 60.0) -> TetherUp:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tether", "up", "--port", "0", *self.args],
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        banner = self._read_banner(timeout)
+        self.base_url = re.search(r"MCP endpoint\s+(\S+)/mcp", banner).group(1)  # type: ignore[union-attr]
+        for node_id, url, pid in re.findall(r"(node-\d+)\s+(\S+)\s+pid (\d+)", banner):
+            self.nodes[node_id] = (url, int(pid))
+        return self
+
+    def _read_banner(self, timeout: float) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        out = b""
+        fd = self.process.stdout.fileno()
+        while b"Press Ctrl-C" not in out:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(0.0, remaining))
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk:
+                self.stop()
+                raise RuntimeError(f"tether up printed no banner: {out!r}\n{self.log_path.read_text()[-3000:]}")
+            out += chunk
+        return out.decode()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Ctrl-C, as a user would; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str,
+                     interval: float = 0.05) -> None:
+    """Re-check `condition` until it holds or `timeout` passes.
+
+    For states nothing signals (a process reaped by another process, a counter
+    on a metrics page): a deadline, never a fixed sleep standing in for the event.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            while not await condition():
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def process_exists(pid: int) -> bool:
+    """True while `pid` exists at all, zombie included (a zombie is a process nobody reaped)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+async def wait_process_gone(pid: int, timeout: float) -> None:
+    """Wait until `pid` has exited and been reaped. Raises TimeoutError."""
+    with contextlib.suppress(ProcessLookupError):
+        fd = os.pidfd_open(pid)
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, exited.set)
+        try:
+            async with asyncio.timeout(timeout):
+                await exited.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    async def reaped() -> bool:
+        return not process_exists(pid)
+
+    await wait_until(reaped, timeout, f"pid {pid} reaped")
+
+
+class RawClient:
+    """Plain HTTP against the MCP endpoint, for checking statuses and bodies exactly."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+
+    async def post(self, body: Any, *, sid: str | None = None, accept: str = ACCEPT_BOTH,
+                   content_type: str = "application/json", headers: dict[str, str] | None = None,
+                   raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+        h = {"Accept": accept, "Content-Type": content_type}
+        if sid:
+            h["Mcp-Session-Id"] = sid
+        h.update(headers or {})
+        data = raw if raw is not None else orjson.dumps(body)
+        async with self.session.post(self.url, data=data, headers=h) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+    async def initialize(self, accept: str = "application/json") -> str:
+        status, headers, body = await self.post(initialize_message(), accept=accept)
+        assert status == 200, (status, body)
+        sid = headers["Mcp-Session-Id"]
+        status, _, _ = await self.post({"jsonrpc": "2.0", "method": "notifications/initialized"}, sid=sid)
+        assert status == 202
+        return sid
+
+    async def call(self, sid: str, request: dict[str, Any]) -> dict[str, Any]:
+        status, _, body = await self.post(request, sid=sid, accept="application/json")
+        assert status == 200, (status, body)
+        return orjson.loads(body)  # type: ignore[no-any-return]
+
+    async def whoami(self, sid: str) -> dict[str, Any]:
+        answer = await self.call(sid, call_tool(99, "whoami"))
+        return orjson.loads(answer["result"]["content"][0]["text"])  # type: ignore[no-any-return]
+
+
+def sse_messages(body: bytes) -> list[dict[str, Any]]:
+    """The JSON-RPC messages in an SSE body."""
+    return [orjson.loads(line[5:]) for line in body.splitlines() if line.startswith(b"data:")]

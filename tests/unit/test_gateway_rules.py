@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway import rules
+from tether.config import Config
+from tether.errors import (
+    BadRequest,
+    Forbidden,
+    NotAcceptable,
+    ParseError,
+    UnsupportedMediaType,
+    UnsupportedProtocolVersion,
+)
+
+ALLOWED = Config().allowed_origins
+
+
+@pytest.mark.parametrize("origin", [None, "http://localhost", "http://localhost:6274", "http://127.0.0.1:3000",
+                                    "http://[::1]:8080", "https://localhost"])
+def test_local_origins_pass(origin: str | None) -> None:
+    rules.check_origin(origin, ALLOWED)
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://localhost.evil.example",
+                                    "null", "file://"])
+def test_other_origins_are_forbidden(origin: str) -> None:
+    with pytest.raises(Forbidden, match="not allowed"):
+        rules.check_origin(origin, ALLOWED)
+
+
+def test_wildcard_allows_any_origin() -> None:
+    rules.check_origin("http://evil.example", ("*",))
+
+
+@pytest.mark.parametrize("accept, preferred, mode", [
+    ("application/json, text/event-stream", "sse", "sse"),
+    ("application/json, text/event-stream", "json", "json"),
+    ("application/json", "sse", "json"),
+    ("text/event-stream", "json", "sse"),
+    ("*/*", "sse", "sse"),
+    (None, "json", "json"),
+])
+def test_post_answer_mode(accept: str | None, preferred: str, mode: str) -> None:
+    assert rules.post_answer_mode("application/json; charset=utf-8", accept, preferred) == mode
+
+
+def test_post_needs_json_content_and_an_acceptable_answer() -> None:
+    with pytest.raises(UnsupportedMediaType, match="text/plain"):
+        rules.post_answer_mode("text/plain", "application/json", "sse")
+    with pytest.raises(NotAcceptable):
+        rules.post_answer_mode("application/json", "text/html", "sse")
+    with pytest.raises(NotAcceptable):
+        rules.check_stream_accept("application/json")
+
+
+def test_protocol_versions() -> None:
+    assert rules.protocol_version(None) == "2025-03-26"
+    assert rules.protocol_version("2025-11-25") == "2025-11-25"
+    assert rules.protocol_version("2026-07-28") == "2026-07-28"
+    with pytest.raises(UnsupportedProtocolVersion) as info:
+        rules.protocol_version("2024-01-01")
+    assert info.value.status == 400 and "2025-06-18" in info.value.data["supported"]  # type: ignore[index]
+
+
+def test_parse_post() -> None:
+    post = rules.parse_post(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}', "2025-11-25")
+    assert post.initialize and post.has_requests and not post.batch
+    note = rules.parse_post(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', "2025-11-25")
+    assert not note.has_requests
+    with pytest.raises(ParseError):
+        rules.parse_post(b"{", "2025-11-25")
+    with pytest.raises(BadRequest, match="batches are not allowed"):
+        rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', "2025-11-25")
+    batch = rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', "2025-03-26")
+    assert batch.batch
+    with pytest.raises(BadRequest, match="initialize must not be part of a batch"):
+        rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"initialize"}]', "2025-03-26")
+    with pytest.raises(BadRequest, match="exactly one"):
+        rules.parse_post(b'{"jsonrpc":"2.0","id":1}', "2025-11-25")
+
+
+def test_stateless_fallback_names_the_handshake_revisions() -> None:
+    error = rules.stateless_fallback("2026-07-28")
+    assert error.rpc_code == -32022
+    assert error.data == {"supported": ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"],
+                          "requested": "2026-07-28"}

@@ -1,0 +1,150 @@
+"""The `tether` command: `up` (everything on one host), `gateway` and `node` (the parts)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from tether import __version__
+from tether.config import GW, NODE, SETTINGS, UP, Config, load, read_toml
+from tether.errors import ConfigError
+
+DESCRIPTIONS = {
+    UP: "Start a gateway, actor nodes and the in-memory store on this host, in front of a stdio "
+        "MCP server (the bundled demo unless --upstream-command is given). Ctrl-C stops everything.",
+    GW: "Run one gateway: the MCP endpoint on /mcp. With the memory store it also hosts the store "
+        "that separate nodes join (--store http://GATEWAY/_tether/store on each node).",
+    NODE: "Run one actor node: it joins the ring through --store and hosts sessions, one upstream "
+          "process each.",
+}
+EPILOG = ("Every flag is also a config key (TOML, --config FILE) and a TETHER_* variable, e.g. "
+          "--idle-timeout / idle_timeout / TETHER_IDLE_TIMEOUT. Flags beat variables beat the file.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether", description="Tether: a session-affinity gateway for stateful MCP servers.",
+        epilog="Try: tether up   (then point an MCP client at http://127.0.0.1:8080/mcp)")
+    parser.add_argument("--version", action="version", version=f"tether {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (UP, GW, NODE):
+        sub = commands.add_parser(command, help=DESCRIPTIONS[command].split(".")[0],
+                                  description=DESCRIPTIONS[command], epilog=EPILOG)
+        sub.add_argument("--config", metavar="FILE", help="TOML config file (also TETHER_CONFIG)")
+        for setting in SETTINGS:
+            if command in setting.commands:
+                default = getattr(Config(), setting.name)
+                shown = ",".join(default) if isinstance(default, tuple) else default
+                sub.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),
+                                 help=f"{setting.help} [{setting.env}; default: {shown!r}]")
+    return parser
+
+
+def resolve(command: str, args: argparse.Namespace, env: dict[str, str]) -> Config:
+    """Merge the config file, the environment and the flags for `command`."""
+    path = args.config or env.get("TETHER_CONFIG")
+    toml = read_toml(Path(path)) if path else None
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return load(command, toml=toml, env=env, flags=flags, toml_source=str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve(args.command, args, dict(os.environ))
+    except ConfigError as exc:
+        print(f"tether {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+    from tether.logs import configure
+
+    configure(args.command, config.log_level)
+    runners: dict[str, Callable[[Config], Awaitable[int]]] = {UP: _up, GW: _gateway, NODE: _node}
+    try:
+        return _run(runners[args.command](config))
+    except ConfigError as exc:
+        print(f"tether {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _run(main: Awaitable[int]) -> int:
+    try:
+        import uvloop  # libuv's loop: faster sockets and subprocess pipes than the default loop
+    except ImportError:
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)  # type: ignore[arg-type]
+
+
+async def wait_for_signal() -> int:
+    """Block until SIGINT or SIGTERM; return the signal number."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+
+    def caught(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(int(sig))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, caught, sig)
+    return await got
+
+
+def upstream_argv(config: Config) -> list[str]:
+    """The stdio server each session runs: the configured command, or the bundled demo."""
+    argv = config.upstream_command_argv()
+    if argv:
+        return argv
+    import importlib.util
+
+    if importlib.util.find_spec("mcp") is None or importlib.util.find_spec("tether_demo") is None:
+        raise ConfigError("Cannot start the bundled demo server: it needs the MCP SDK "
+                          "(pip install 'tether[demo]'), or name a server with --upstream-command")
+    return [sys.executable, "-m", "tether_demo"]
+
+
+async def _up(config: Config) -> int:
+    from tether.up import run_up
+
+    return await run_up(config, upstream_argv(config))
+
+
+async def _gateway(config: Config) -> int:
+    from actors.store.memory import MemoryStore
+    from gateway.app import MCP_PATH, serve_gateway
+
+    if config.store != "memory":
+        raise ConfigError(f"Cannot use store {config.store!r} for a gateway yet: expected 'memory'")
+    if not config.internal_secret:
+        raise ConfigError("Cannot start a gateway without internal_secret: nodes must prove who they are "
+                          "(set TETHER_INTERNAL_SECRET)")
+    async with serve_gateway(config, MemoryStore(), host_store=True) as gateway:
+        print(f"tether gateway: {gateway.url}{MCP_PATH}", flush=True)
+        await wait_for_signal()
+    return 0
+
+
+async def _node(config: Config) -> int:
+    from actors.node import serve_node
+    from actors.store.link import StoreLink
+
+    if not config.store.startswith(("http://", "https://")):
+        raise ConfigError(f"Cannot join store {config.store!r}: a separate node needs the gateway's store "
+                          "URL, e.g. --store http://127.0.0.1:8080/_tether/store")
+    if not config.internal_secret:
+        raise ConfigError("Cannot start a node without internal_secret (set TETHER_INTERNAL_SECRET)")
+    store = StoreLink(config.store, config.internal_secret)
+    try:
+        async with serve_node(config, store, upstream_argv(config)) as node:
+            print(f"tether node: {node.node_id} at {node.url}", flush=True)
+            await wait_for_signal()
+    finally:
+        await store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from tether_demo.server import main
+
+main()
