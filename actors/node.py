@@ -129,10 +129,12 @@ class Node:
             await self.end(sid, "start_failed")
             raise UpstreamTimeout(f"Upstream did not answer initialize within "
                                   f"{self.config.upstream_start_timeout:g}s") from None
-        if answer is None or "error" in answer:
+        if answer is None or actor.ended is not None:  # the server died before it answered
             await self.end(sid, "start_failed")
-            if answer is None:
-                raise UpstreamError("Upstream exited before answering initialize")
+            raise UpstreamError(f"Upstream exited (code {actor.upstream.returncode}) before answering "
+                                "initialize; its stderr is in the node log")
+        if "error" in answer:  # the server answered, and refused
+            await self.end(sid, "start_failed")
             return None, answer
         self.metrics.upstream_start_seconds.observe(self.clock() - started)
         self.metrics.sessions_started.inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -97,6 +98,9 @@ def upstream_argv(config: Config) -> list[str]:
     """The stdio server each session runs: the configured command, or the bundled demo."""
     argv = config.upstream_command_argv()
     if argv:
+        if shutil.which(argv[0]) is None:
+            raise ConfigError(f"Cannot use upstream_command: got {config.upstream_command!r}, expected a "
+                              f"command whose program {argv[0]!r} is an executable file or on PATH")
         return argv
     import importlib.util
 

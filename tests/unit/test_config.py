@@ -72,6 +72,14 @@ def test_bad_value_stops_start_up_with_a_clear_message() -> None:
     assert "idle_timeout (from --idle-timeout): got '-5', expected a value >= 0.05" in result.stderr
 
 
+def test_missing_upstream_program_stops_start_up() -> None:
+    result = subprocess.run([sys.executable, "-m", "tether", "up", "--upstream-command", "/no/such/server --x"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "upstream_command: got '/no/such/server --x'" in result.stderr
+    assert "is an executable file or on PATH" in result.stderr
+
+
 def test_help_lists_every_flag_with_its_variable() -> None:
     result = subprocess.run([sys.executable, "-m", "tether", "up", "--help"], capture_output=True, text=True,
                             timeout=60)
