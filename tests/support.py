@@ -173,3 +173,27 @@ class RawClient:
 def sse_messages(body: bytes) -> list[dict[str, Any]]:
     """The JSON-RPC messages in an SSE body."""
     return [orjson.loads(line[5:]) for line in body.splitlines() if line.startswith(b"data:")]
+
+
+PEERS = Path(__file__).parent / "peers" / "node_modules"
+SERVER_EVERYTHING = PEERS / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
+
+
+def server_everything_command() -> str:
+    """The pinned server-everything (tests/peers, installed by scripts/test) as a stdio command."""
+    if not SERVER_EVERYTHING.exists():
+        raise RuntimeError(f"{SERVER_EVERYTHING} is missing: run scripts/test, which installs tests/peers")
+    return f"node {SERVER_EVERYTHING} stdio"
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (zombies included)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

@@ -1,0 +1,105 @@
+"""Tether in front of a third-party server, and the limits of rule 5 (bounded) answered clearly."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from mcp.client.client import Client
+
+from tests.conftest import start_tether
+from tests.support import (
+    RawClient,
+    TetherUp,
+    children_of,
+    initialize_message,
+    server_everything_command,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherUp]:
+    up = start_tether(tmp_path_factory.mktemp("everything"), "--upstream-command", server_everything_command())
+    yield up
+    assert up.stop() == 0, up.log()[-3000:]
+
+
+async def test_server_everything_through_tether(everything: TetherUp) -> None:
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    async with Client(everything.mcp_url, mode="legacy") as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert {"echo", "get-sum", "trigger-long-running-operation"} <= names
+        echoed = await client.call_tool("echo", {"message": "through tether"})
+        assert echoed.content[0].text == "Echo: through tether"  # type: ignore[union-attr]
+        result = await client.call_tool("trigger-long-running-operation", {"duration": 1, "steps": 3},
+                                        progress_callback=on_progress)
+        assert "completed" in result.content[0].text  # type: ignore[union-attr]
+        assert progress == [1.0, 2.0, 3.0]
+
+
+async def test_upstream_gets_a_scrubbed_environment(everything: TetherUp) -> None:
+    async with Client(everything.mcp_url, mode="legacy") as client:
+        env = orjson.loads((await client.call_tool("get-env", {})).content[0].text)  # type: ignore[union-attr]
+    assert env["TETHER_NODE_ID"] in everything.nodes
+    assert "TETHER_INTERNAL_SECRET" not in env  # the node's secret never reaches a server
+    assert set(env) <= {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME",
+                        "SHELL", "TERM", "TETHER_NODE_ID", "TETHER_SESSION_TAG", "VIRTUAL_ENV"}
+
+
+async def test_upstream_that_dies_at_start_is_502(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    up = start_tether(tmp_path, "--upstream-command", f"{sys.executable} -c 'raise SystemExit(3)'")
+    try:
+        status, headers, body = await RawClient(http, up.mcp_url).post(initialize_message())
+        assert status == 502
+        assert "Upstream exited (code 3) before answering initialize" in orjson.loads(body)["error"]["message"]
+        assert "Mcp-Session-Id" not in headers
+    finally:
+        assert up.stop() == 0
+
+
+async def test_upstream_that_never_answers_is_504_and_reaped(tmp_path: Path,
+                                                             http: aiohttp.ClientSession) -> None:
+    silent = f"{sys.executable} -c 'import sys; sys.stdin.read()'"
+    up = start_tether(tmp_path, "--upstream-command", silent, "--upstream-start-timeout", "1",
+                      "--kill-grace", "1")
+    try:
+        status, headers, body = await RawClient(http, up.mcp_url).post(initialize_message())
+        assert status == 504
+        assert "did not answer initialize within 1s" in orjson.loads(body)["error"]["message"]
+        assert "Mcp-Session-Id" not in headers
+        node_pids = [pid for _, pid in up.nodes.values()]
+
+        async def no_children() -> bool:
+            return not any(children_of(pid) for pid in node_pids)
+
+        await wait_until(no_children, timeout=10, what="the silent upstream reaped")
+    finally:
+        assert up.stop() == 0
+
+
+async def test_full_nodes_decline_and_the_ring_places_elsewhere(tmp_path: Path,
+                                                                http: aiohttp.ClientSession) -> None:
+    up = start_tether(tmp_path, "--max-sessions", "1")
+    raw = RawClient(http, up.mcp_url)
+    try:
+        sids = [await raw.initialize(), await raw.initialize()]
+        owners = {(await raw.whoami(sid))["node"] for sid in sids}
+        assert owners == {"node-1", "node-2"}  # whichever owned the second, the other took it
+        status, headers, body = await raw.post(initialize_message())
+        assert status == 503
+        assert int(headers["Retry-After"]) >= 1
+        assert "no actor node can take a new session" in orjson.loads(body)["error"]["message"]
+        async with http.delete(up.mcp_url, headers={"Mcp-Session-Id": sids[0]}) as resp:
+            assert resp.status == 200
+        assert await raw.initialize()  # room again
+    finally:
+        assert up.stop() == 0
