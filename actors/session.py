@@ -15,11 +15,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from actors.lease import IdleLease
 from actors.mcp import (
-    GET_STREAM,
     Destination,
     Kind,
     Message,
@@ -252,11 +250,4 @@ class SessionActor:
         self._done.set()
 
 
-def first_response(messages: Iterable[Any]) -> Message | None:
-    for message in messages:
-        if isinstance(message, dict) and "method" not in message:
-            return message
-    return None
-
-
-__all__ = ["ActorLimits", "GET_STREAM", "Outbox", "SessionActor", "first_response"]
+__all__ = ["ActorLimits", "Outbox", "SessionActor"]
