@@ -1,0 +1,5 @@
+import sys
+
+from loadtest.tools import main
+
+sys.exit(main())
