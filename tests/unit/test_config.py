@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,14 @@ def test_help_lists_every_flag_with_its_variable() -> None:
     assert result.returncode == 0
     for flag in ("--port", "--nodes", "--upstream-command", "--idle-timeout", "--config", "TETHER_PORT"):
         assert flag in result.stdout
+
+
+def test_port_in_use_stops_start_up_with_a_clear_message() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "tether", "up", "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"Cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
