@@ -27,8 +27,9 @@ class NodeMetrics:
         self.sessions_declined = Counter(
             "tether_node_sessions_declined_total", "New sessions declined because the node was full",
             ["node"], registry=r).labels(node_id)
-        self.messages = Counter("tether_actor_messages_total", "Client messages forwarded upstream, by kind",
-                                ["node", "kind"], registry=r)
+        messages = Counter("tether_actor_messages_total", "Client messages forwarded upstream, by kind",
+                           ["node", "kind"], registry=r)
+        self.messages = {kind: messages.labels(node_id, kind) for kind in ("request", "notification", "response")}
         self.request_seconds = Histogram(
             "tether_actor_request_seconds", "From a request reaching the actor to its last answer",
             ["node"], buckets=LATENCY_BUCKETS, registry=r).labels(node_id)

@@ -74,9 +74,13 @@ class Node:
         self.draining = False
         self.limits = ActorLimits(config.idle_timeout, config.mailbox_depth, config.event_log_size,
                                   config.kill_grace)
-        self._tasks = TaskSet(f"node-{node_id}")
+        self._tasks = TaskSet(f"node-{node_id}")  # session ends
+        self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
         self._ending: dict[str, asyncio.Task[None]] = {}
         self._heartbeat_ok = False
+        self._starting = 0  # creates in flight, counted against max_sessions
+        self._idle_creates = asyncio.Event()
+        self._idle_creates.set()
 
     def __repr__(self) -> str:
         return f"Node({self.node_id!r}, url={self.url!r}, sessions={len(self.actors)}, draining={self.draining})"
@@ -103,9 +107,19 @@ class Node:
         upstream's answer. Raises `Declined` when full, `UpstreamError` or
         `UpstreamTimeout` when the upstream cannot start.
         """
-        if self.draining or len(self.actors) >= self.config.max_sessions:
+        if self.draining or len(self.actors) + self._starting >= self.config.max_sessions:
             self.metrics.sessions_declined.inc()
             raise Declined(f"Node {self.node_id} is full ({len(self.actors)} sessions) or draining")
+        self._starting += 1  # hold the slot across the awaits below, so parallel creates cannot overfill
+        try:
+            return await self._create(sid, initialize)
+        finally:
+            self._starting -= 1
+            if not self._starting:
+                self._idle_creates.set()
+
+    async def _create(self, sid: str, initialize: Message) -> tuple[SessionActor | None, Message]:
+        self._idle_creates.clear()
         record = await self.store.grant(sid, self.node_id)
         started = self.clock()
         env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)})
@@ -124,7 +138,8 @@ class Node:
         outbox = actor.submit([initialize])
         assert outbox is not None
         try:
-            answer = await asyncio.wait_for(_next_answer(outbox), self.config.upstream_start_timeout)
+            async with asyncio.timeout(self.config.upstream_start_timeout):
+                answer = await _next_answer(outbox)
         except TimeoutError:
             await self.end(sid, "start_failed")
             raise UpstreamTimeout(f"Upstream did not answer initialize within "
@@ -145,11 +160,16 @@ class Node:
         actor = self.actors.get(sid)
         if actor is None:
             return
-        task = self._ending.get(sid)
+        await asyncio.shield(self._begin_end(actor, reason))
+
+    def _begin_end(self, actor: SessionActor, reason: str) -> asyncio.Task[None]:
+        """Mark the session ended now (its next request is 404) and start tearing it down once."""
+        task = self._ending.get(actor.sid)
         if task is None:
-            task = self._tasks.spawn(self._end(actor, reason), f"end-{actor.tag}")
-            self._ending[sid] = task
-        await asyncio.shield(task)
+            actor.ended = actor.ended or reason
+            task = self._tasks.spawn(self._end(actor, actor.ended), f"end-{actor.tag}")
+            self._ending[actor.sid] = task
+        return task
 
     async def _end(self, actor: SessionActor, reason: str) -> None:
         try:
@@ -165,8 +185,7 @@ class Node:
                 log.warning("store.release_failed", extra={"sid": actor.tag, "detail": exc.message})
 
     def _on_actor_exit(self, actor: SessionActor, reason: str) -> None:
-        if actor.sid not in self._ending:
-            self._ending[actor.sid] = self._tasks.spawn(self._end(actor, reason), f"end-{actor.tag}")
+        self._begin_end(actor, reason)
 
     async def end_all(self, reason: str) -> None:
         await asyncio.gather(*(self.end(sid, reason) for sid in list(self.actors)))
@@ -175,14 +194,17 @@ class Node:
 
     async def heartbeat_loop(self) -> None:
         ttl = self.config.heartbeat_ttl
+        ok, failed = (self.metrics.lease_renewals.labels(self.node_id, r) for r in ("ok", "failed"))
         while True:
             try:
-                await self.store.heartbeat(self.record(), ttl)
+                async with asyncio.timeout(ttl / 3):
+                    await self.store.heartbeat(self.record(), ttl)
                 self._heartbeat_ok = True
-                self.metrics.lease_renewals.labels(self.node_id, "ok").inc()
-            except StoreError as exc:
-                self.metrics.lease_renewals.labels(self.node_id, "failed").inc()
-                log.warning("heartbeat.failed", extra={"detail": exc.message})
+                ok.inc()
+            except (StoreError, TimeoutError) as exc:
+                self._heartbeat_ok = False  # not ready while membership cannot be renewed
+                failed.inc()
+                log.warning("heartbeat.failed", extra={"detail": getattr(exc, "message", repr(exc))})
             await asyncio.sleep(ttl / 3)
 
     async def reaper_loop(self) -> None:
@@ -192,20 +214,25 @@ class Node:
 
     def reap(self, now: float) -> list[str]:
         """End every session idle at `now` (none that a client is waiting on)."""
-        idle = list(reap_idle(((sid, a.lease) for sid, a in self.actors.items() if not a.busy), now))
+        idle = list(reap_idle(((sid, a.lease) for sid, a in self.actors.items()
+                               if not a.busy and a.ended is None), now))
         for sid in idle:
-            self._tasks.spawn(self.end(sid, "idle"), f"reap-{sid_tag(sid)}")
+            self._begin_end(self.actors[sid], "idle")  # marked before any request can slip in
         return idle
 
     def start_loops(self) -> None:
-        self._tasks.spawn(self.heartbeat_loop(), "heartbeat")
-        self._tasks.spawn(self.reaper_loop(), "reaper")
+        self._loops.spawn(self.heartbeat_loop(), "heartbeat")
+        self._loops.spawn(self.reaper_loop(), "reaper")
 
     async def shutdown(self) -> None:
-        """Leave the ring, end every session, stop the loops."""
+        """Stop taking sessions, leave the ring, let creates in flight finish, end every session."""
         self.draining = True
+        await self._loops.close()  # no heartbeat may re-add us after we leave
         with contextlib.suppress(StoreError):
             await self.store.leave(self.node_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.upstream_start_timeout):
+                await self._idle_creates.wait()
         await self.end_all("drained")
         await self._tasks.close()
 
@@ -242,7 +269,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     actor.lease.touch(node.clock())
     outbox = actor.submit(messages, json_only=not wants_sse)
     for message in messages:
-        node.metrics.messages.labels(node.node_id, kind_of(message).value).inc()
+        node.metrics.messages[kind_of(message).value].inc()
     if outbox is None:
         return web.Response(status=202)
     started = node.clock()
@@ -264,7 +291,9 @@ async def _create(request: web.Request, node: Node, sid: str, message: Message,
     if kind_of(message) is not Kind.REQUEST or message.get("method") != "initialize":
         raise BadRequest("Invalid Request: a new session starts with an initialize request")
     try:
-        actor, answer = await node.create(sid, message)
+        # Shielded: a client that leaves mid-start must not leave a half-made actor behind; the
+        # session it would have had is reaped by idle expiry.
+        actor, answer = await asyncio.shield(node.create(sid, message))
     except Declined as exc:
         response = error_answer(exc)
         response.headers[DECLINED_HEADER] = "1"
@@ -279,40 +308,45 @@ async def _create(request: web.Request, node: Node, sid: str, message: Message,
 
 async def _collect_answers(node: Node, actor: SessionActor, outbox: Outbox) -> list[Message]:
     answers: list[Message] = []
-    deadline = node.clock() + node.config.upstream_request_timeout
-    while True:
-        try:
-            message = await asyncio.wait_for(outbox.queue.get(), max(0.0, deadline - node.clock()))
-        except TimeoutError:
-            return answers + actor.abandon(outbox, _timeout_reason(node))
-        if message is None:
-            return answers
-        answers.append(message)
+    try:
+        async with asyncio.timeout(node.config.upstream_request_timeout):
+            while (message := await outbox.queue.get()) is not None:
+                answers.append(message)
+    except TimeoutError:
+        answers += actor.abandon(outbox, _timeout_reason(node))
+    return answers
 
 
 async def _stream_answers(request: web.Request, node: Node, actor: SessionActor,
                           outbox: Outbox) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    deadline = node.clock() + node.config.upstream_request_timeout
     try:
-        while True:
-            wait = min(node.config.keepalive_interval, max(0.0, deadline - node.clock()))
-            try:
-                message = await asyncio.wait_for(outbox.queue.get(), wait)
-            except TimeoutError:
-                if node.clock() < deadline:
-                    await response.write(PING)
-                    continue
-                for owed in actor.abandon(outbox, _timeout_reason(node)):
-                    await response.write(event(owed))
-                break
-            if message is None:
-                break
-            await response.write(event(message))
+        async with asyncio.timeout(node.config.upstream_request_timeout) as whole:
+            async for message in _with_pings(outbox, node.config.keepalive_interval):
+                await response.write(PING if message is None else event(message))
+    except TimeoutError:
+        if not whole.expired():
+            raise
+        for owed in actor.abandon(outbox, _timeout_reason(node)):
+            await response.write(event(owed))
     except ConnectionError:
         pass  # the gateway (or the client behind it) went away; the caller abandons the outbox
     return response
+
+
+async def _with_pings(outbox: Outbox, interval: float) -> AsyncIterator[Message | None]:
+    """The outbox's messages until it closes, with None each `interval` of silence (a ping is due)."""
+    while True:
+        try:
+            async with asyncio.timeout(interval):
+                message = await outbox.queue.get()
+        except TimeoutError:
+            yield None
+            continue
+        if message is None:
+            return
+        yield message
 
 
 def _timeout_reason(node: Node) -> str:
@@ -327,17 +361,9 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     try:
         await response.prepare(request)
-        while True:
-            try:
-                message = await asyncio.wait_for(stream.queue.get(), node.config.keepalive_interval)
-            except TimeoutError:
-                await response.write(PING)
-                actor.lease.touch(node.clock())  # the ping got through: the client is still there
-                continue
-            if message is None:
-                break
-            await response.write(event(message))
-            actor.lease.touch(node.clock())
+        async for message in _with_pings(stream, node.config.keepalive_interval):
+            await response.write(PING if message is None else event(message))
+            actor.lease.touch(node.clock())  # it got through: the client is still there
     except ConnectionError:
         pass
     finally:
@@ -374,8 +400,10 @@ async def serve_node(config: Config, store: Store, argv: list[str],
     node_id = node_id or config.node_id or f"node-{config.host}-{port}"
     node = Node(config, store, node_id, argv)
     node.url = config.advertise or f"http://{_url_host(config.host)}:{port}"
+    # handler_cancellation: when the gateway drops a link request (its client left), the handler's
+    # cleanup runs at once: the request is abandoned upstream, the GET stream slot freed.
     runner = web.AppRunner(build_node_app(node), access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0)
+                           shutdown_timeout=1.0, handler_cancellation=True)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     node.start_loops()

@@ -47,18 +47,32 @@ class ActorLimits:
 
 
 class Outbox:
-    """One client-facing stream: the answers to one POST, or the session's GET stream."""
+    """One client-facing stream: the answers to one POST, or the session's GET stream.
 
-    def __init__(self, expected: int = 0, *, json_only: bool = False) -> None:
+    Bounded: past `limit` queued messages (a client that does not read), further
+    notifications are dropped and counted; responses are always kept, and there
+    are never more of them than the requests that asked.
+    """
+
+    def __init__(self, limit: int, expected: int = 0, *, json_only: bool = False,
+                 on_dropped: Callable[[int], None] = lambda n: None) -> None:
         self.queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.limit = limit
         self.expected = expected  # responses still owed; 0 for the GET stream
         self.json_only = json_only  # a JSON answer carries responses only
         self.request_ids: list[RequestId] = []
+        self.tokens: list[object] = []  # progress tokens of its requests
         self.closed = False
+        self._on_dropped = on_dropped
 
     def put(self, message: Message) -> None:
-        if not self.closed:
-            self.queue.put_nowait(message)
+        if self.closed:
+            return
+        if self.queue.qsize() >= self.limit and "method" in message:
+            self._on_dropped(1)
+            log.warning("stream.full", extra={"count": self.limit, "method": message["method"]})
+            return
+        self.queue.put_nowait(message)
 
     def close(self) -> None:
         if not self.closed:
@@ -85,6 +99,7 @@ class SessionActor:
         self.get_stream: Outbox | None = None
         self.event_log: deque[Message] = deque()
         self.ended: str | None = None  # the reason, once ending has begun
+        self._closing = False
         self._done = asyncio.Event()
         self._on_exit = on_exit
         self._on_dropped = on_dropped
@@ -121,7 +136,7 @@ class SessionActor:
         if self.mailbox.maxsize - self.mailbox.qsize() < len(messages):
             raise Overloaded(f"Session busy: {self.mailbox.maxsize} messages already queued for the server",
                              retry_after=1.0)
-        outbox = Outbox(len(requests), json_only=json_only) if requests else None
+        outbox = self._outbox(len(requests), json_only=json_only) if requests else None
         for message in messages:
             if outbox is not None and kind_of(message) is Kind.REQUEST:
                 request_id = message["id"]
@@ -130,6 +145,7 @@ class SessionActor:
                 token = progress_token(message)
                 if isinstance(token, str | int):
                     self.tokens[token] = request_id
+                    outbox.tokens.append(token)
             self.mailbox.put_nowait(message)
         return outbox
 
@@ -156,11 +172,14 @@ class SessionActor:
         """Open the session's GET stream, first replaying what the event log holds. One at a time."""
         if self.get_stream is not None and not self.get_stream.closed:
             raise Conflict("Conflict: this session already has an open GET stream")
-        stream = Outbox()
+        stream = self._outbox(0)
         while self.event_log:
             stream.put(self.event_log.popleft())
         self.get_stream = stream
         return stream
+
+    def _outbox(self, expected: int, *, json_only: bool = False) -> Outbox:
+        return Outbox(self.limits.event_log_size, expected, json_only=json_only, on_dropped=self._on_dropped)
 
     def close_stream(self, stream: Outbox) -> None:
         stream.close()
@@ -211,8 +230,8 @@ class SessionActor:
             outbox.close()
 
     def _forget_tokens(self, outbox: Outbox) -> None:
-        for token in [t for t, rid in self.tokens.items() if rid in outbox.request_ids]:
-            del self.tokens[token]
+        for token in outbox.tokens:
+            self.tokens.pop(token, None)
 
     def _to_get_stream(self, message: Message) -> None:
         if self.get_stream is not None and not self.get_stream.closed:
@@ -232,10 +251,11 @@ class SessionActor:
 
     async def end(self, reason: str) -> None:
         """End the session: answer what is pending, close streams, reap the upstream. Idempotent."""
-        if self.ended is not None:
+        if self._closing:
             await self._done.wait()
             return
-        self.ended = reason
+        self._closing = True
+        self.ended = self.ended or reason
         for request_id, outbox in list(self.pending.items()):
             outbox.put(error_response(request_id, CONNECTION_CLOSED, f"Session ended: {reason}"))
             outbox.close()

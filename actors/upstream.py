@@ -111,7 +111,13 @@ class StdioUpstream:
         """Forward the server's stderr to the node log, so the pipe never fills."""
         stderr = self._process.stderr
         assert stderr is not None
-        while line := await stderr.readline():
+        while True:
+            try:
+                line = await stderr.readline()
+            except ValueError:  # a "line" past the reader's limit (a progress bar with no newline)
+                continue  # the reader dropped it; keep draining so the server never blocks on stderr
+            if not line:
+                return
             log.info("upstream.stderr", extra={"pid": self.pid,
                                                "detail": line[:500].decode(errors="replace").rstrip()})
 

@@ -16,6 +16,7 @@ class MemoryStore:
         self._clock = clock
         self._nodes: dict[str, tuple[NodeRecord, float]] = {}  # node_id -> (record, deadline)
         self._owners: dict[str, OwnershipRecord] = {}
+        self._keys_of: dict[str, set[str]] = {}  # node_id -> keys it owns, to drop them when it goes
         self._generation = 0
         # One counter for every grant: per key it still only grows, and it costs no memory per key.
         self._epoch = 0
@@ -25,6 +26,7 @@ class MemoryStore:
         dead = [node_id for node_id, (_, deadline) in self._nodes.items() if deadline <= now]
         for node_id in dead:
             del self._nodes[node_id]
+            self._drop_keys_of(node_id)
         if dead:
             self._generation += 1
 
@@ -38,6 +40,14 @@ class MemoryStore:
     async def leave(self, node_id: str) -> None:
         if self._nodes.pop(node_id, None) is not None:
             self._generation += 1
+        self._drop_keys_of(node_id)
+
+    def _drop_keys_of(self, node_id: str) -> None:
+        """A node that is gone owns nothing: its records go with it (no orphans, rule 4)."""
+        for key in self._keys_of.pop(node_id, ()):
+            record = self._owners.get(key)
+            if record is not None and record.node_id == node_id:
+                del self._owners[key]
 
     async def membership(self) -> Membership:
         self._expire()
@@ -51,7 +61,10 @@ class MemoryStore:
             raise OwnershipConflict(f"Cannot grant {key[:8]}... to {node_id}: {current.node_id} owns it")
         self._epoch += 1
         record = OwnershipRecord(key, node_id, self._epoch)
+        if current is not None:
+            self._keys_of.get(current.node_id, set()).discard(key)
         self._owners[key] = record
+        self._keys_of.setdefault(node_id, set()).add(key)
         return record
 
     async def lookup(self, key: str) -> OwnershipRecord | None:
@@ -60,6 +73,7 @@ class MemoryStore:
     async def release(self, record: OwnershipRecord) -> bool:
         if self._owners.get(record.key) == record:
             del self._owners[record.key]
+            self._keys_of.get(record.node_id, set()).discard(record.key)
             return True
         return False
 

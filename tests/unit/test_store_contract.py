@@ -125,3 +125,16 @@ async def test_unreachable_store_is_a_store_error() -> None:
             await link.membership()
     finally:
         await link.close()
+
+
+async def test_a_node_that_goes_takes_its_records_with_it(store: Store, clock: FakeClock) -> None:
+    await store.heartbeat(A, ttl=10)
+    await store.heartbeat(B, ttl=30)
+    await store.grant("of-a", "node-a")
+    kept = await store.grant("of-b", "node-b")
+    clock.now += 11  # A's lease lapses: it crashed
+    await store.membership()
+    assert await store.lookup("of-a") is None
+    assert await store.lookup("of-b") == kept
+    await store.leave("node-b")  # B leaves cleanly
+    assert await store.lookup("of-b") is None
