@@ -51,6 +51,7 @@ SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
 MCP_PATH = "/mcp"
 TRANSPORT = "streamable_http"
+LINK_SLACK = 5.0  # seconds a node may take beyond its own limits before the gateway gives up on it
 # Client headers a node needs to see; nothing else crosses the link.
 _FORWARDED = (VERSION_HEADER, "Last-Event-ID")
 
@@ -99,7 +100,8 @@ class Gateway:
             candidates = self.placement.candidates(sid)
         for node in candidates:
             try:
-                resp = await self.link.call(node, "POST", sid, body=body, headers=headers)
+                resp = await self.link.call(node, "POST", sid, body=body, headers=headers,
+                                            read_timeout=self.config.upstream_start_timeout + LINK_SLACK)
             except Overloaded as exc:
                 log.warning("placement.unreachable", extra={"node": node.node_id, "detail": exc.message})
                 continue
@@ -121,10 +123,21 @@ class Gateway:
         if not is_valid_session_id(sid):
             raise SessionNotFound("Session not found")
         _, node = await self.placement.locate(sid)
-        resp = await self.link.call(node, method, sid, body=body, headers=headers)
-        if resp.status == 404:
+        resp = await self.link.call(node, method, sid, body=body, headers=headers,
+                                    read_timeout=self.read_timeout(method, headers))
+        if resp.status == 404 or (method == "DELETE" and resp.status == 200):
             self.placement.forget(sid)
         return await self.relay(request, resp, {})
+
+    def read_timeout(self, method: str, headers: Mapping[str, str] | None) -> float:
+        """How long the gateway waits for bytes from a node before it gives up on it."""
+        config = self.config
+        streaming = method == "GET" or (headers or {}).get(RESPONSE_HEADER) == "sse"
+        if streaming:  # the node pings idle streams every keepalive_interval
+            return 3 * config.keepalive_interval + LINK_SLACK
+        if method == "DELETE":
+            return config.kill_grace + LINK_SLACK
+        return config.upstream_request_timeout + LINK_SLACK
 
     async def relay(self, request: web.Request, resp: aiohttp.ClientResponse,
                     extra: Mapping[str, str]) -> web.StreamResponse:
@@ -140,8 +153,8 @@ class Gateway:
             try:
                 async for chunk in resp.content.iter_any():
                     await out.write(chunk)
-            except (ConnectionError, aiohttp.ClientPayloadError):
-                pass  # one side went away; closing the link response tells the node
+            except (ConnectionError, TimeoutError, aiohttp.ClientError):
+                pass  # one side went away or stalled; closing the link response tells the node
             finally:
                 gauge.dec()
             return out
@@ -232,10 +245,8 @@ async def measured(request: web.Request, handler: Handler) -> web.StreamResponse
     except TetherError as exc:
         response = error_answer(exc)
     if request.path == MCP_PATH:
-        gw = request.app[GATEWAY_KEY]
-        label = request.method.lower()
-        gw.metrics.requests.labels(TRANSPORT, label, str(response.status)).inc()
-        gw.metrics.latency.labels(TRANSPORT, label).observe(time.monotonic() - started)
+        request.app[GATEWAY_KEY].metrics.observe(TRANSPORT, request.method, response.status,
+                                                 time.monotonic() - started)
     return response
 
 
@@ -259,8 +270,10 @@ async def serve_gateway(config: Config, store: Store, *, host_store: bool) -> As
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
     gateway = Gateway(config, store)
+    # handler_cancellation: a client that goes away cancels its handler, which closes the link
+    # response, which the node sees at once, instead of at the next keep-alive ping.
     runner = web.AppRunner(build_gateway_app(gateway, store if host_store else None), access_log=None,
-                           handle_signals=False, shutdown_timeout=1.0)
+                           handle_signals=False, shutdown_timeout=1.0, handler_cancellation=True)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     await gateway.start()

@@ -13,7 +13,7 @@ import aiohttp
 
 from actors.internal import SECRET_HEADER, session_path
 from actors.store.base import NodeRecord
-from tether.errors import Overloaded
+from tether.errors import Overloaded, UpstreamTimeout
 
 
 class NodeLink:
@@ -30,19 +30,25 @@ class NodeLink:
                                                   auto_decompress=False, skip_auto_headers=("User-Agent",))
         return self._session
 
-    async def call(self, node: NodeRecord, method: str, sid: str, *, body: bytes | None = None,
-                   headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
+    async def call(self, node: NodeRecord, method: str, sid: str, *, read_timeout: float,
+                   body: bytes | None = None, headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
         """Send one request to `node` for session `sid`; the caller reads and releases the response.
 
-        Raises `Overloaded` when the node cannot be reached.
+        `read_timeout` bounds every wait for bytes from the node, so a node that
+        stalls is given up on. Raises `Overloaded` when the node cannot be
+        reached, `UpstreamTimeout` when it stops answering.
         """
         all_headers = {SECRET_HEADER: self._secret}
         if headers:
             all_headers.update(headers)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=read_timeout)
         try:
             return await self._client().request(method, node.url + session_path(sid), data=body,
-                                                headers=all_headers)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                                                headers=all_headers, timeout=timeout)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"Gateway Timeout: node {node.node_id} did not answer within "
+                                  f"{read_timeout:g}s") from exc
+        except aiohttp.ClientConnectionError as exc:
             raise Overloaded(f"Service Unavailable: node {node.node_id} cannot be reached ({exc!r})",
                              retry_after=1.0) from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -63,3 +64,15 @@ class GatewayMetrics:
         self.link_errors = Counter("tether_gateway_link_errors_total", "Calls to a node that failed",
                                    registry=r)
         r.register(PlacementCollector(placement))
+        self._bound: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, transport: str, method: str, status: int, seconds: float) -> None:
+        """Count and time one request; label children are bound once per combination, not per call."""
+        key = (transport, method, status)
+        bound = self._bound.get(key)
+        if bound is None:
+            label = method.lower()
+            bound = (self.requests.labels(transport, label, str(status)), self.latency.labels(transport, label))
+            self._bound[key] = bound
+        bound[0].inc()
+        bound[1].observe(seconds)

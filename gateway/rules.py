@@ -43,10 +43,14 @@ def check_origin(origin: str | None, allowed: Sequence[str]) -> None:
     """Refuse a browser Origin that is not allowed (DNS-rebinding protection). Raises `Forbidden`."""
     if origin is None or "*" in allowed or origin in allowed:
         return
-    parts = urlsplit(origin)
-    bare = f"{parts.scheme}://{parts.hostname}" if parts.hostname else origin
-    if ":" in (parts.hostname or "") and parts.hostname:
-        bare = f"{parts.scheme}://[{parts.hostname}]"
+    try:
+        parts = urlsplit(origin)
+        host = parts.hostname
+    except ValueError:  # e.g. "http://[evil": not a URL at all
+        raise Forbidden(f"Forbidden: Origin {origin!r} is not allowed (not a valid origin)") from None
+    bare = origin
+    if host:
+        bare = f"{parts.scheme}://[{host}]" if ":" in host else f"{parts.scheme}://{host}"
     if bare not in allowed:
         raise Forbidden(f"Forbidden: Origin {origin!r} is not allowed")
 

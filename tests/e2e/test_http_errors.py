@@ -37,7 +37,7 @@ async def test_session_id_with_forbidden_characters_is_400(raw: RawClient) -> No
     assert "visible ASCII" in error_of(body)["message"]
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example", "https://localhost.evil.example:443"])
+@pytest.mark.parametrize("origin", ["http://evil.example", "https://localhost.evil.example:443", "http://[evil"])
 async def test_disallowed_origin_is_403(raw: RawClient, origin: str) -> None:
     status, _, body = await raw.post(initialize_message(), headers={"Origin": origin})
     assert status == 403

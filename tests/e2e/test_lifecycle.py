@@ -144,3 +144,19 @@ async def test_stopping_tether_up_leaves_no_process_behind(tmp_path: Path,
     for pid in [*upstream_pids, *node_pids]:
         assert not process_exists(pid), f"pid {pid} outlived tether up"
     assert "Traceback" not in up.log()
+
+
+async def test_a_dropped_stream_frees_its_slot_at_once(raw: RawClient, tether: TetherUp) -> None:
+    # The shared tether pings every 15 s: a slot freed within 5 s was freed by the disconnect itself.
+    sid = await raw.initialize()
+    headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+    async with aiohttp.ClientSession() as first:
+        async with first.get(raw.url, headers=headers) as stream:
+            assert stream.status == 200
+    # that client and its connection are gone now
+
+    async def reopens() -> bool:
+        async with raw.session.get(raw.url, headers=headers) as again:
+            return again.status == 200
+
+    await wait_until(reopens, timeout=5, what="the GET stream slot freed after a disconnect")

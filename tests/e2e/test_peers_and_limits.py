@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,8 @@ from tests.support import (
     server_everything_command,
     wait_until,
 )
+
+LIST = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
 
 
 @pytest.fixture(scope="module")
@@ -101,5 +106,36 @@ async def test_full_nodes_decline_and_the_ring_places_elsewhere(tmp_path: Path,
         async with http.delete(up.mcp_url, headers={"Mcp-Session-Id": sids[0]}) as resp:
             assert resp.status == 200
         assert await raw.initialize()  # room again
+    finally:
+        assert up.stop() == 0
+
+
+async def test_parallel_creates_cannot_overfill_nodes(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    up = start_tether(tmp_path, "--max-sessions", "1")
+    raw = RawClient(http, up.mcp_url)
+    try:
+        answers = await asyncio.gather(*(raw.post(initialize_message(), accept="application/json")
+                                         for _ in range(6)))
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [200, 200, 503, 503, 503, 503]  # two nodes, one session each, never more
+    finally:
+        assert up.stop() == 0
+
+
+async def test_a_stalled_node_is_answered_with_504_not_a_hang(tmp_path: Path,
+                                                              http: aiohttp.ClientSession) -> None:
+    up = start_tether(tmp_path, "--upstream-request-timeout", "1")
+    raw = RawClient(http, up.mcp_url)
+    try:
+        sid = await raw.initialize()
+        owner_pid = up.nodes[(await raw.whoami(sid))["node"]][1]
+        os.kill(owner_pid, signal.SIGSTOP)  # the node this test's tether started stops answering
+        try:
+            status, _, body = await raw.post(LIST, sid=sid, accept="application/json")
+        finally:
+            os.kill(owner_pid, signal.SIGCONT)
+        assert status == 504
+        assert "did not answer within 6s" in orjson.loads(body)["error"]["message"]
+        assert (await raw.call(sid, LIST))["result"]["tools"]  # resumed, the session is intact
     finally:
         assert up.stop() == 0

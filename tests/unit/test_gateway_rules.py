@@ -22,7 +22,7 @@ def test_local_origins_pass(origin: str | None) -> None:
     rules.check_origin(origin, ALLOWED)
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example", "http://localhost.evil.example",
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://localhost.evil.example", "http://[evil",
                                     "null", "file://"])
 def test_other_origins_are_forbidden(origin: str) -> None:
     with pytest.raises(Forbidden, match="not allowed"):
