@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from actors.http import Handler, error_answer, health_routes, internal_only
+from actors.http import Handler, bind_socket, error_answer, health_routes, internal_only
 from actors.ids import is_valid_session_id, mint_session_id
 from actors.internal import (
     BATCH_HEADER,
@@ -26,7 +26,6 @@ from actors.internal import (
     RESPONSE_HEADER,
 )
 from actors.mcp import MODERN_VERSIONS
-from actors.node import bind_socket
 from actors.placement import Placement
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.store.base import OwnershipRecord, Store

@@ -132,7 +132,7 @@ async def _gateway(config: Config) -> int:
 
 
 async def _node(config: Config) -> int:
-    from actors.node import serve_node
+    from actors.node_api import serve_node
     from actors.store.link import StoreLink
 
     if not config.store.startswith(("http://", "https://")):
