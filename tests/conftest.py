@@ -6,7 +6,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support import RawClient, TetherUp
+from tests.support import RawClient, RedisServer, TetherUp
 
 # A small body limit so the 413 test need not send megabytes.
 BODY_LIMIT = 65536
@@ -34,3 +34,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def raw(http: aiohttp.ClientSession, tether: TetherUp) -> RawClient:
     return RawClient(http, tether.mcp_url)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole run; tests that need it clean flush it themselves."""
+    server = RedisServer().start()
+    yield server
+    server.stop()

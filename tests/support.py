@@ -197,3 +197,59 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on an ephemeral loopback port, with nothing on disk; stopped by its PID."""
+
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        for _ in range(5):  # a free port can be taken between the probe and the bind: try another
+            self.port = self.port or free_port()
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--protected-mode", "yes"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if self._ready(timeout):
+                return self
+            self.stop()
+            self.port = 0
+        raise RuntimeError("redis-server did not start")
+
+    def _ready(self, timeout: float) -> bool:
+        assert self.process is not None and self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        out = b""
+        fd = self.process.stdout.fileno()
+        while b"Ready to accept connections" not in out:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk:
+                return False
+            out += chunk
+        return True
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = None

@@ -134,3 +134,7 @@ class OwnershipConflict(StoreError):
     """Another node already owns the key."""
 
     status = 409
+
+
+class LeaseLost(StoreError):
+    """This node's lease lapsed (or its id is held by another live process): it must fence itself."""

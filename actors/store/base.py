@@ -20,6 +20,7 @@ class NodeRecord:
     url: str
     accepting: bool = True
     sessions: int = 0
+    incarnation: str = ""  # new each time the node (re)joins; a lapsed incarnation never comes back
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -27,7 +28,7 @@ class NodeRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeRecord:
         return cls(str(data["node_id"]), str(data["url"]), bool(data.get("accepting", True)),
-                   int(data.get("sessions", 0)))
+                   int(data.get("sessions", 0)), str(data.get("incarnation", "")))
 
 
 @dataclass(frozen=True)
@@ -48,28 +49,36 @@ class OwnershipRecord:
     key: str
     node_id: str
     epoch: int
+    incarnation: str = ""  # of the owning node when it was granted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OwnershipRecord:
-        return cls(str(data["key"]), str(data["node_id"]), int(data["epoch"]))
+        return cls(str(data["key"]), str(data["node_id"]), int(data["epoch"]), str(data.get("incarnation", "")))
 
 
 class Store(Protocol):
     """Membership and ownership. Implementations raise `StoreError` when unreachable."""
 
     async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
-        """Add or renew `node` for `ttl` seconds."""
+        """Add or renew `node` for `ttl` seconds.
 
-    async def leave(self, node_id: str) -> None:
-        """Remove a node at once (a clean shutdown)."""
+        Raises `LeaseLost` when this incarnation's lease already lapsed, or a
+        live node with another incarnation holds the id.
+        """
+
+    async def leave(self, node_id: str, incarnation: str = "") -> None:
+        """Remove a node at once (a clean shutdown); its ownership records go with it."""
 
     async def membership(self) -> Membership:
-        """The nodes whose heartbeat has not lapsed."""
+        """The nodes whose heartbeat has not lapsed. Records of lapsed nodes are removed."""
 
-    async def grant(self, key: str, node_id: str) -> OwnershipRecord:
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when membership may have changed, or after `timeout` seconds."""
+
+    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
         """Make `node_id` the owner of `key` with a fresh epoch.
 
         Raises `OwnershipConflict` if a live node already owns the key.

@@ -7,6 +7,7 @@ node processes reach them here: `StoreLink` is a `Store` that calls
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from actors.internal import SECRET_HEADER, STORE_PATH, authorized
 from actors.store.base import Membership, NodeRecord, OwnershipRecord, Store
-from tether.errors import OwnershipConflict, StoreError
+from tether.errors import LeaseLost, OwnershipConflict, StoreError
 
 Op = Callable[[Store, dict[str, Any]], Awaitable[Any]]
 
@@ -26,7 +27,7 @@ async def _heartbeat(store: Store, body: dict[str, Any]) -> None:
 
 
 async def _leave(store: Store, body: dict[str, Any]) -> None:
-    await store.leave(str(body["node_id"]))
+    await store.leave(str(body["node_id"]), str(body.get("incarnation", "")))
 
 
 async def _membership(store: Store, body: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +36,7 @@ async def _membership(store: Store, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _grant(store: Store, body: dict[str, Any]) -> dict[str, Any]:
-    return (await store.grant(str(body["key"]), str(body["node_id"]))).to_dict()
+    return (await store.grant(str(body["key"]), str(body["node_id"]), str(body.get("incarnation", "")))).to_dict()
 
 
 async def _lookup(store: Store, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -67,7 +68,9 @@ def store_routes(store: Store, secret: str) -> list[web.RouteDef]:
             body = orjson.loads(await request.read())
             result = await op(store, body)
         except OwnershipConflict as exc:
-            return web.json_response({"error": exc.message, "conflict": True}, status=409)
+            return web.json_response({"error": exc.message, "kind": "conflict"}, status=409)
+        except LeaseLost as exc:
+            return web.json_response({"error": exc.message, "kind": "lease_lost"}, status=409)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
             return web.json_response({"error": f"bad store request: {exc!r}"}, status=400)
         return web.Response(body=orjson.dumps({"result": result}), content_type="application/json")
@@ -97,7 +100,8 @@ class StoreLink:
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             raise StoreError(f"Cannot reach the store at {self._base}: {exc!r}") from exc
         if resp.status == 409:
-            raise OwnershipConflict(payload.get("error", "conflict"))
+            error = LeaseLost if payload.get("kind") == "lease_lost" else OwnershipConflict
+            raise error(payload.get("error", "conflict"))
         if resp.status != 200:
             raise StoreError(f"Cannot {op} at the store {self._base}: {resp.status} {payload.get('error')}")
         return payload["result"]
@@ -105,15 +109,19 @@ class StoreLink:
     async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
         await self._call("heartbeat", {"node": node.to_dict(), "ttl": ttl})
 
-    async def leave(self, node_id: str) -> None:
-        await self._call("leave", {"node_id": node_id})
+    async def leave(self, node_id: str, incarnation: str = "") -> None:
+        await self._call("leave", {"node_id": node_id, "incarnation": incarnation})
 
     async def membership(self) -> Membership:
         data = await self._call("membership", {})
         return Membership(int(data["generation"]), tuple(NodeRecord.from_dict(n) for n in data["nodes"]))
 
-    async def grant(self, key: str, node_id: str) -> OwnershipRecord:
-        return OwnershipRecord.from_dict(await self._call("grant", {"key": key, "node_id": node_id}))
+    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
+        body = {"key": key, "node_id": node_id, "incarnation": incarnation}
+        return OwnershipRecord.from_dict(await self._call("grant", body))
+
+    async def wait_for_change(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)  # nodes only read membership to renew it; polling is enough
 
     async def lookup(self, key: str) -> OwnershipRecord | None:
         data = await self._call("lookup", {"key": key})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
 from actors.store.base import Membership, NodeRecord, OwnershipRecord
-from tether.errors import OwnershipConflict
+from tether.errors import LeaseLost, OwnershipConflict
 
 
 class MemoryStore:
@@ -20,27 +22,62 @@ class MemoryStore:
         self._generation = 0
         # One counter for every grant: per key it still only grows, and it costs no memory per key.
         self._epoch = 0
+        self._changed: asyncio.Event | None = None
+        self._lapsed: dict[str, float] = {}  # incarnations that lapsed or left -> when; they never return
+
+    def _bump(self) -> None:
+        self._generation += 1
+        if self._changed is not None:
+            self._changed.set()
 
     def _expire(self) -> None:
         now = self._clock()
         dead = [node_id for node_id, (_, deadline) in self._nodes.items() if deadline <= now]
         for node_id in dead:
-            del self._nodes[node_id]
+            self._retire(self._nodes.pop(node_id)[0].incarnation, now)
             self._drop_keys_of(node_id)
         if dead:
-            self._generation += 1
+            self._bump()
+
+    def _retire(self, incarnation: str, now: float) -> None:
+        if incarnation:
+            self._lapsed[incarnation] = now
+        for old in [i for i, when in self._lapsed.items() if when < now - 3600]:
+            del self._lapsed[old]
 
     async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
+        now = self._clock()
+        if node.incarnation in self._lapsed:
+            raise LeaseLost(f"Cannot renew {node.node_id}: its lease lapsed; rejoin as a new incarnation")
+        entry = self._nodes.get(node.node_id)
+        if entry is not None:
+            previous, deadline = entry
+            if deadline > now and previous.incarnation != node.incarnation:
+                raise LeaseLost(f"Cannot renew {node.node_id}: a live node holds this id")
+            if deadline <= now and previous.incarnation == node.incarnation:
+                raise LeaseLost(f"Cannot renew {node.node_id}: its lease lapsed; rejoin as a new incarnation")
         self._expire()
-        previous = self._nodes.get(node.node_id)
-        self._nodes[node.node_id] = (node, self._clock() + ttl)
-        if previous is None or previous[0].accepting != node.accepting or previous[0].url != node.url:
-            self._generation += 1
+        previous_record = self._nodes.get(node.node_id, (None, 0.0))[0]
+        self._nodes[node.node_id] = (node, now + ttl)
+        if previous_record is None or (previous_record.accepting, previous_record.url) != (node.accepting, node.url):
+            self._bump()
 
-    async def leave(self, node_id: str) -> None:
-        if self._nodes.pop(node_id, None) is not None:
-            self._generation += 1
+    async def leave(self, node_id: str, incarnation: str = "") -> None:
+        entry = self._nodes.get(node_id)
+        if entry is not None and incarnation and entry[0].incarnation != incarnation:
+            return
+        if (gone := self._nodes.pop(node_id, None)) is not None:
+            self._retire(gone[0].incarnation, self._clock())
+            self._bump()
         self._drop_keys_of(node_id)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+        self._changed.clear()
 
     def _drop_keys_of(self, node_id: str) -> None:
         """A node that is gone owns nothing: its records go with it (no orphans, rule 4)."""
@@ -54,13 +91,14 @@ class MemoryStore:
         nodes = tuple(sorted((record for record, _ in self._nodes.values()), key=lambda n: n.node_id))
         return Membership(self._generation, nodes)
 
-    async def grant(self, key: str, node_id: str) -> OwnershipRecord:
+    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
         self._expire()
         current = self._owners.get(key)
-        if current is not None and current.node_id in self._nodes and current.node_id != node_id:
+        holder = self._nodes.get(current.node_id) if current is not None else None
+        if current is not None and holder is not None and holder[0].incarnation == current.incarnation:
             raise OwnershipConflict(f"Cannot grant {key[:8]}... to {node_id}: {current.node_id} owns it")
         self._epoch += 1
-        record = OwnershipRecord(key, node_id, self._epoch)
+        record = OwnershipRecord(key, node_id, self._epoch, incarnation)
         if current is not None:
             self._keys_of.get(current.node_id, set()).discard(key)
         self._owners[key] = record

@@ -1,0 +1,270 @@
+"""The Redis store: membership and fenced ownership shared by many gateways and nodes.
+
+Key layout. Hash tags keep the keys one script touches in one Redis Cluster slot:
+
+    {tether}:members      ZSET    node_id -> lease deadline, ms on the Redis clock
+    {tether}:nodes        HASH    node_id -> NodeRecord as JSON
+    {tether}:generation   STRING  membership generation; INCR'd on every change
+    {tether}:lapsed       ZSET    incarnations whose lease lapsed or that left -> when (kept an hour)
+    tether:{KEY}:owner    HASH    node, incarnation, epoch (no TTL: removed by release or the janitor)
+    tether:{KEY}:epoch    STRING  only ever INCR'd, never given a TTL; removed with the owner on release
+    tether:{NODE}:owned   SET     keys granted to a node: the janitor's index
+    channel tether:membership     the new generation, published on every change
+
+Every write that decides ownership or membership is a Lua script that compares
+the owner's node, incarnation and epoch, so a node that lost its lease (paused,
+partitioned) can neither renew it, nor release what another node now owns.
+Lease deadlines are taken on the Redis clock (TIME) inside the scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from actors.store.base import Membership, NodeRecord, OwnershipRecord
+from tether.errors import LeaseLost, OwnershipConflict, StoreError
+
+log = logging.getLogger("tether.store")
+
+MEMBERS = "{tether}:members"
+NODES = "{tether}:nodes"
+GENERATION = "{tether}:generation"
+LAPSED = "{tether}:lapsed"
+CHANNEL = "tether:membership"
+
+_NOW_MS = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed
+# ARGV[1] node_id, ARGV[2] NodeRecord JSON, ARGV[3] ttl in ms, ARGV[4] channel
+# Adds or renews a node's lease. Refuses (TETHER_ID_IN_USE) while another live incarnation holds
+# the id, and (TETHER_LEASE_LOST) a renewal by an incarnation whose lease already lapsed, swept or
+# not: that node must fence itself and come back as a new incarnation. Returns the generation.
+HEARTBEAT = _NOW_MS + """
+local record = cjson.decode(ARGV[2])
+if record['incarnation'] ~= '' and redis.call('ZSCORE', KEYS[4], record['incarnation']) then
+  return redis.error_reply('TETHER_LEASE_LOST')
+end
+local deadline = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+local changed = true
+if prev then
+  local p = cjson.decode(prev)
+  if deadline and deadline > now then
+    if p['incarnation'] ~= record['incarnation'] then return redis.error_reply('TETHER_ID_IN_USE') end
+    changed = p['accepting'] ~= record['accepting'] or p['url'] ~= record['url']
+  elseif p['incarnation'] == record['incarnation'] then
+    return redis.error_reply('TETHER_LEASE_LOST')
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if changed then
+  local g = redis.call('INCR', KEYS[3])
+  redis.call('PUBLISH', ARGV[4], g)
+  return g
+end
+return tonumber(redis.call('GET', KEYS[3]) or '0')
+"""
+
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed; ARGV[1] channel
+# Sweeps nodes whose lease lapsed (bumping the generation, remembering their incarnation as
+# lapsed), then returns {generation, live NodeRecord JSONs, swept NodeRecord JSONs}.
+MEMBERSHIP = _NOW_MS + """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+local swept = {}
+for _, id in ipairs(expired) do
+  local rec = redis.call('HGET', KEYS[2], id)
+  if rec then
+    table.insert(swept, rec)
+    redis.call('ZADD', KEYS[4], now, cjson.decode(rec)['incarnation'])
+  end
+  redis.call('HDEL', KEYS[2], id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3600000)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local g = redis.call('INCR', KEYS[3])
+  redis.call('PUBLISH', ARGV[1], g)
+end
+return {tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('HVALS', KEYS[2]), swept}
+"""
+
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed
+# ARGV[1] node_id, ARGV[2] incarnation, ARGV[3] channel
+# Removes a node at once, if it is still this incarnation (which never comes back). Returns 1 if it was.
+LEAVE = _NOW_MS + """
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev and cjson.decode(prev)['incarnation'] == ARGV[2] then
+  if ARGV[2] ~= '' then redis.call('ZADD', KEYS[4], now, ARGV[2]) end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', ARGV[3], redis.call('INCR', KEYS[3]))
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] owner, KEYS[2] epoch
+# ARGV[1] node, ARGV[2] incarnation, ARGV[3] node and ARGV[4] incarnation of a dead owner it may replace
+# Grants the key with the next epoch unless someone else holds it (TETHER_OWNED). Returns the epoch.
+GRANT = """
+local cur = redis.call('HMGET', KEYS[1], 'node', 'incarnation')
+if cur[1] and not (cur[1] == ARGV[3] and cur[2] == ARGV[4]) then
+  return redis.error_reply('TETHER_OWNED')
+end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', epoch)
+return epoch
+"""
+
+# KEYS[1] owner, KEYS[2] epoch; ARGV[1] node, ARGV[2] incarnation, ARGV[3] epoch ('' = any epoch)
+# Deletes the record if this owner still holds it (at this epoch). Returns 1 if it did.
+RELEASE = """
+local cur = redis.call('HMGET', KEYS[1], 'node', 'incarnation', 'epoch')
+if cur[1] == ARGV[1] and cur[2] == ARGV[2] and (ARGV[3] == '' or cur[3] == ARGV[3]) then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+"""
+
+T = TypeVar("T")
+
+
+def owner_key(key: str) -> str:
+    return f"tether:{{{key}}}:owner"
+
+
+def epoch_key(key: str) -> str:
+    return f"tether:{{{key}}}:epoch"
+
+
+def owned_key(node_id: str) -> str:
+    return f"tether:{{{node_id}}}:owned"
+
+
+class RedisStore:
+    """`Store` on Redis (or Redis Cluster): many gateways and nodes, one view."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+        self.url = url
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                              decode_responses=True, health_check_interval=10)
+        self._heartbeat = self._redis.register_script(HEARTBEAT)
+        self._membership = self._redis.register_script(MEMBERSHIP)
+        self._leave = self._redis.register_script(LEAVE)
+        self._grant = self._redis.register_script(GRANT)
+        self._release = self._redis.register_script(RELEASE)
+        self._pubsub: Any = None
+        self._members: dict[str, NodeRecord] = {}  # last membership seen, to judge owners in grant()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r})"
+
+    async def _call(self, what: str, op: Awaitable[T]) -> T:
+        try:
+            return await op
+        except ResponseError as exc:
+            text = str(exc)
+            if "TETHER_OWNED" in text:
+                raise OwnershipConflict(f"Cannot {what}: another live node owns it") from exc
+            if "TETHER_LEASE_LOST" in text or "TETHER_ID_IN_USE" in text:
+                raise LeaseLost(f"Cannot {what}: {text}") from exc
+            raise StoreError(f"Cannot {what} in Redis: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Cannot {what}: Redis at {self.url} is unreachable ({exc!r})") from exc
+
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
+        args: list[str | int] = [node.node_id, orjson.dumps(node.to_dict()).decode(), int(ttl * 1000), CHANNEL]
+        await self._call(f"renew the lease of {node.node_id}",
+                         self._heartbeat(keys=[MEMBERS, NODES, GENERATION, LAPSED], args=args))
+
+    async def leave(self, node_id: str, incarnation: str = "") -> None:
+        record = self._members.get(node_id)
+        incarnation = incarnation or (record.incarnation if record else "")
+        left = await self._call(f"remove {node_id}", self._leave(keys=[MEMBERS, NODES, GENERATION, LAPSED],
+                                                                  args=[node_id, incarnation, CHANNEL]))
+        if left:
+            await self._clean_up_after(NodeRecord(node_id, "", incarnation=incarnation))
+
+    async def membership(self) -> Membership:
+        generation, live, swept = await self._call(
+            "read membership", self._membership(keys=[MEMBERS, NODES, GENERATION, LAPSED], args=[CHANNEL]))
+        nodes = sorted((NodeRecord.from_dict(orjson.loads(raw)) for raw in live), key=lambda n: n.node_id)
+        self._members = {n.node_id: n for n in nodes}
+        for raw in swept:  # this call swept them, so this caller cleans up after them
+            await self._clean_up_after(NodeRecord.from_dict(orjson.loads(raw)))
+        return Membership(int(generation), tuple(nodes))
+
+    async def _clean_up_after(self, gone: NodeRecord) -> None:
+        """The janitor: drop every record the lapsed incarnation of a node still holds."""
+        index = owned_key(gone.node_id)
+        keys = await self._call(f"list what {gone.node_id} owned", self._redis.smembers(index))
+        for key in map(str, keys):
+            await self._call("release an orphaned record", self._release(
+                keys=[owner_key(key), epoch_key(key)], args=[gone.node_id, gone.incarnation, ""]))
+            if await self.lookup(key) is None:
+                await self._call("unindex a record", self._redis.srem(index, key))
+        log.info("store.swept", extra={"node": gone.node_id, "count": len(keys)})
+
+    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
+        current = await self.lookup(key)
+        replace = ("", "")
+        if current is not None:  # rare (named keys, or a dead owner's leftovers): read who lives now
+            holder = (await self.membership()).by_id().get(current.node_id)
+            if holder is not None and holder.incarnation == current.incarnation:
+                raise OwnershipConflict(f"Cannot grant {key[:8]}... to {node_id}: {current.node_id} owns it")
+            replace = (current.node_id, current.incarnation)  # a dead owner: fenced out by the new epoch
+        await self._call("index a grant", self._redis.sadd(owned_key(node_id), key))
+        epoch = await self._call(f"grant {key[:8]}...", self._grant(
+            keys=[owner_key(key), epoch_key(key)], args=[node_id, incarnation, *replace]))
+        return OwnershipRecord(key, node_id, int(epoch), incarnation)
+
+    async def lookup(self, key: str) -> OwnershipRecord | None:
+        node, incarnation, epoch = await self._call(
+            "look up an owner", self._redis.hmget(owner_key(key), ["node", "incarnation", "epoch"]))
+        if node is None or epoch is None:
+            return None
+        return OwnershipRecord(key, str(node), int(epoch), str(incarnation or ""))
+
+    async def release(self, record: OwnershipRecord) -> bool:
+        released = await self._call(f"release {record.key[:8]}...", self._release(
+            keys=[owner_key(record.key), epoch_key(record.key)],
+            args=[record.node_id, record.incarnation, str(record.epoch)]))
+        await self._call("unindex a release", self._redis.srem(owned_key(record.node_id), record.key))
+        return bool(released)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when membership may have changed (a published generation), or after `timeout`."""
+        try:
+            if self._pubsub is None:
+                self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                await self._pubsub.subscribe(CHANNEL)
+            await self._pubsub.get_message(timeout=timeout)
+        except (RedisError, OSError):
+            await self._drop_pubsub()
+            await asyncio.sleep(timeout)
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self._drop_pubsub()
+        await self._redis.aclose()
