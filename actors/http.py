@@ -35,12 +35,13 @@ async def tether_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_answer(exc)
 
 
-def internal_only(secret: str, prefix: str = "/_tether/") -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Middleware: paths under `prefix` need the internal secret (401 otherwise)."""
+def internal_only(secret: str,
+                  prefixes: tuple[str, ...] = ("/_tether/",)) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: paths under any of `prefixes` need the internal secret (401 otherwise)."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(prefix) and not authorized(request.headers, secret):
+        if request.path.startswith(prefixes) and not authorized(request.headers, secret):
             return web.json_response({"error": "internal secret missing or wrong"}, status=401)
         return await handler(request)
 

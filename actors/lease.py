@@ -27,3 +27,29 @@ class IdleLease:
 def reap_idle(leases: Iterable[tuple[str, IdleLease]], now: float) -> Iterator[str]:
     """The keys whose lease has run out at `now`."""
     return (key for key, lease in leases if lease.expired(now))
+
+
+@dataclass
+class NodeLease:
+    """A node's membership lease, as the node itself must judge it (rule 1).
+
+    The deadline is measured from *before* a renewal was sent, less a safety
+    margin, so the node stops serving before the store could consider the
+    lease lapsed and grant its keys to anyone else.
+    """
+
+    ttl: float
+    deadline: float = 0.0  # monotonic; 0 until the first renewal succeeds
+
+    @property
+    def margin(self) -> float:
+        return min(1.0, self.ttl / 10)
+
+    def renewed(self, sent_at: float) -> None:
+        self.deadline = max(self.deadline, sent_at + self.ttl - self.margin)
+
+    def held(self, now: float) -> bool:
+        return now < self.deadline
+
+    def lose(self) -> None:
+        self.deadline = 0.0

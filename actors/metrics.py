@@ -43,4 +43,9 @@ class NodeMetrics:
             ["node"], registry=r).labels(node_id)
         self.lease_renewals = Counter("tether_node_lease_renewals_total", "Membership heartbeats sent",
                                       ["node", "result"], registry=r)
+        self.lease_losses = Counter("tether_node_lease_losses_total",
+                                    "Times this node could not prove its lease and fenced itself",
+                                    ["node"], registry=r).labels(node_id)
+        self.draining = Gauge("tether_node_draining", "1 while this node drains", ["node"],
+                              registry=r).labels(node_id)
         self.node_id = node_id

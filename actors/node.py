@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
-from actors.lease import reap_idle
+from actors.lease import NodeLease, reap_idle
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
 from actors.session import ActorLimits, Outbox, SessionActor
@@ -21,6 +22,7 @@ from actors.store.base import NodeRecord, Store
 from actors.upstream import StdioUpstream, scrubbed_env
 from tether.config import Config
 from tether.errors import (
+    LeaseLost,
     Overloaded,
     SessionNotFound,
     StoreError,
@@ -57,7 +59,12 @@ class Node:
         self._tasks = TaskSet(f"node-{node_id}")  # session ends
         self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
         self._ending: dict[str, asyncio.Task[None]] = {}
-        self._heartbeat_ok = False
+        self.incarnation = secrets.token_hex(8)  # replaced whenever the node fences itself
+        self.lease = NodeLease(config.heartbeat_ttl)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._fencing = False
+        self._emptied = asyncio.Event()  # set whenever the last session ends
+        self.drained = asyncio.Event()
         self._starting = 0  # creates in flight, counted against max_sessions
         self._idle_creates = asyncio.Event()
         self._idle_creates.set()
@@ -66,13 +73,21 @@ class Node:
         return f"Node({self.node_id!r}, url={self.url!r}, sessions={len(self.actors)}, draining={self.draining})"
 
     def record(self) -> NodeRecord:
-        return NodeRecord(self.node_id, self.url, accepting=not self.draining, sessions=len(self.actors))
+        return NodeRecord(self.node_id, self.url, accepting=not self.draining, sessions=len(self.actors),
+                          incarnation=self.incarnation)
 
     def ready(self) -> bool:
-        return self._heartbeat_ok and not self.draining
+        return self.lease.held(self.clock()) and not self.draining
+
+    def check_lease(self) -> None:
+        """Rule 1: serve nothing unless the lease is provably held. Raises `Overloaded` (503)."""
+        if not self.lease.held(self.clock()):
+            raise Overloaded(f"Service Unavailable: node {self.node_id} cannot prove it holds its lease",
+                             retry_after=1.0)
 
     def live(self, sid: str) -> SessionActor:
-        """The actor of a live session here. Raises `SessionNotFound`."""
+        """The actor of a live session here. Raises `SessionNotFound`, or `Overloaded` without a lease."""
+        self.check_lease()
         actor = self.actors.get(sid)
         if actor is None or actor.ended is not None:
             raise SessionNotFound("Session not found")
@@ -87,6 +102,7 @@ class Node:
         upstream's answer. Raises `Declined` when full, `UpstreamError` or
         `UpstreamTimeout` when the upstream cannot start.
         """
+        self.check_lease()
         if self.draining or len(self.actors) + self._starting >= self.config.max_sessions:
             self.metrics.sessions_declined.inc()
             raise Declined(f"Node {self.node_id} is full ({len(self.actors)} sessions) or draining")
@@ -100,7 +116,7 @@ class Node:
 
     async def _create(self, sid: str, initialize: Message) -> tuple[SessionActor | None, Message]:
         self._idle_creates.clear()
-        record = await self.store.grant(sid, self.node_id)
+        record = await self.store.grant(sid, self.node_id, self.incarnation)
         started = self.clock()
         env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)})
         try:
@@ -157,6 +173,8 @@ class Node:
         finally:
             self.actors.pop(actor.sid, None)
             self._ending.pop(actor.sid, None)
+            if not self.actors:
+                self._emptied.set()
             self.metrics.sessions_active.dec()
             self.metrics.sessions_ended[reason].inc()
             try:
@@ -173,19 +191,55 @@ class Node:
     # -- loops ---------------------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
-        ttl = self.config.heartbeat_ttl
-        ok, failed = (self.metrics.lease_renewals.labels(self.node_id, r) for r in ("ok", "failed"))
         while True:
-            try:
-                async with asyncio.timeout(ttl / 3):
-                    await self.store.heartbeat(self.record(), ttl)
-                self._heartbeat_ok = True
-                ok.inc()
-            except (StoreError, TimeoutError) as exc:
-                self._heartbeat_ok = False  # not ready while membership cannot be renewed
-                failed.inc()
-                log.warning("heartbeat.failed", extra={"detail": getattr(exc, "message", repr(exc))})
-            await asyncio.sleep(ttl / 3)
+            await self.renew()
+            await asyncio.sleep(self.config.heartbeat_ttl / 3)
+
+    async def renew(self) -> None:
+        """Renew the membership lease once; fence the node if it is lost."""
+        ttl = self.config.heartbeat_ttl
+        if self.lease.deadline and not self.lease.held(self.clock()):
+            await self.fence("the lease lapsed before it could be renewed")
+        sent = self.clock()  # the lease counts from before the renewal was sent
+        try:
+            async with asyncio.timeout(ttl / 3):
+                await self.store.heartbeat(self.record(), ttl)
+        except LeaseLost as exc:
+            await self.fence(exc.message)
+            return
+        except (StoreError, TimeoutError) as exc:
+            self.metrics.lease_renewals.labels(self.node_id, "failed").inc()
+            log.warning("heartbeat.failed", extra={"node": self.node_id,
+                                                   "detail": getattr(exc, "message", repr(exc))})
+            return
+        self.lease.renewed(sent)
+        self._arm_watchdog()
+        self.metrics.lease_renewals.labels(self.node_id, "ok").inc()
+
+    def _arm_watchdog(self) -> None:
+        """Fence at the lease deadline unless a renewal moves it first: no serving on a lapsed lease."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        delay = max(0.0, self.lease.deadline - self.clock())
+        self._watchdog = asyncio.get_running_loop().call_later(delay, self._on_watchdog)
+
+    def _on_watchdog(self) -> None:
+        if not self.lease.held(self.clock()):
+            self._tasks.spawn(self.fence("no renewal reached the store before the lease deadline"), "fence")
+
+    async def fence(self, reason: str) -> None:
+        """Stop serving: end every session (owner_lost), then rejoin later as a new incarnation."""
+        if self._fencing:
+            return
+        self._fencing = True
+        try:
+            self.lease.lose()
+            self.metrics.lease_losses.inc()
+            log.error("lease.lost", extra={"node": self.node_id, "detail": reason, "count": len(self.actors)})
+            await self.end_all("owner_lost")
+            self.incarnation = secrets.token_hex(8)  # the lapsed incarnation never comes back
+        finally:
+            self._fencing = False
 
     async def reaper_loop(self) -> None:
         while True:
@@ -204,12 +258,35 @@ class Node:
         self._loops.spawn(self.heartbeat_loop(), "heartbeat")
         self._loops.spawn(self.reaper_loop(), "reaper")
 
+    async def drain(self, timeout: float) -> None:
+        """Leave the ring for new sessions and serve the current ones until they end or `timeout`
+        passes; then end the rest (their next request is 404). Sets `drained` when done."""
+        if self.draining:
+            await self.drained.wait()
+            return
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info("node.draining", extra={"node": self.node_id, "count": len(self.actors), "seconds": timeout})
+        with contextlib.suppress(StoreError, TimeoutError):  # tell the gateways now, not at the next beat
+            async with asyncio.timeout(self.config.heartbeat_ttl / 3):
+                await self.store.heartbeat(self.record(), self.config.heartbeat_ttl)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.actors or self._starting:
+                    self._emptied.clear()
+                    await self._emptied.wait()
+        await self.end_all("drained")
+        log.info("node.drained", extra={"node": self.node_id})
+        self.drained.set()
+
     async def shutdown(self) -> None:
         """Stop taking sessions, leave the ring, let creates in flight finish, end every session."""
         self.draining = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._loops.close()  # no heartbeat may re-add us after we leave
         with contextlib.suppress(StoreError):
-            await self.store.leave(self.node_id)
+            await self.store.leave(self.node_id, self.incarnation)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.upstream_start_timeout):
                 await self._idle_creates.wait()

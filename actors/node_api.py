@@ -34,10 +34,12 @@ from actors.sse import PING, event
 from actors.store.base import Store
 from tether.config import Config
 from tether.errors import BadRequest
+from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
 
 NODE_KEY = web.AppKey("node", Node)
+TASKS_KEY = web.AppKey("tasks", TaskSet)
 
 
 def _parse(body: bytes) -> list[Message]:
@@ -170,9 +172,21 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def admin_drain(request: web.Request) -> web.Response:
+    """Start draining (as SIGTERM does); the node exits once the drain is done. Needs the secret."""
+    node = request.app[NODE_KEY]
+    if not node.draining:
+        request.app[TASKS_KEY].spawn(node.drain(node.config.drain_timeout), "drain")
+    return web.json_response({"draining": True, "sessions": len(node.actors),
+                              "drain_timeout": node.config.drain_timeout}, status=202)
+
+
 def build_node_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[internal_only(node.config.internal_secret), tether_errors],
+    app = web.Application(middlewares=[internal_only(node.config.internal_secret, ("/_tether/", "/admin/")),
+                                       tether_errors],
                           client_max_size=node.config.max_body_bytes)
+    app[TASKS_KEY] = TaskSet(f"node-{node.node_id}-admin")
+    app.router.add_post("/admin/drain", admin_drain)
     app[NODE_KEY] = node
     path = SESSIONS_PATH + "/{sid}"
     app.add_routes([web.post(path, post_message), web.get(path, open_stream),

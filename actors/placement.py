@@ -7,9 +7,12 @@ The ring is rebuilt off the request path, when the membership generation moves.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from actors.ring import Ring
 from actors.store.base import Membership, NodeRecord, OwnershipRecord, Store
-from tether.errors import SessionNotFound
+from tether.errors import Overloaded, SessionNotFound, StoreError
 
 
 class RouteCache:
@@ -37,8 +40,12 @@ class RouteCache:
 class Placement:
     """Where a key lives now, and where a new one should go."""
 
-    def __init__(self, store: Store, cache_size: int = 100_000) -> None:
+    def __init__(self, store: Store, cache_size: int = 100_000, *, stale_after: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.stale_after = stale_after  # membership older than this is not trusted to route
+        self.clock = clock
+        self.read_at = -float("inf")
         self.ring = Ring()
         self.members: dict[str, NodeRecord] = {}
         self.cache = RouteCache(cache_size)
@@ -47,8 +54,16 @@ class Placement:
         self._generation = -1
 
     async def refresh(self) -> bool:
-        """Re-read membership; rebuild the ring if it changed. True if it did."""
-        return self.apply(await self.store.membership())
+        """Re-read membership; rebuild the ring if it changed. True if it did. Raises `StoreError`."""
+        changed = self.apply(await self.store.membership())
+        self.read_at = self.clock()
+        return changed
+
+    def check_fresh(self) -> None:
+        """Refuse to route on a view of membership the store has not confirmed lately (503)."""
+        if self.clock() - self.read_at > self.stale_after:
+            raise Overloaded("Service Unavailable: the store cannot be reached to confirm session owners",
+                             retry_after=1.0)
 
     def apply(self, membership: Membership) -> bool:
         self.members = membership.by_id()
@@ -70,18 +85,29 @@ class Placement:
         self.cache.drop(key)
 
     async def locate(self, key: str) -> tuple[OwnershipRecord, NodeRecord]:
-        """The owner of a live session. Raises `SessionNotFound` if it has none that lives."""
+        """The owner of a live session. Raises `SessionNotFound` if it has none that lives,
+        `Overloaded` if the store cannot confirm it."""
+        self.check_fresh()
         record = self.cache.get(key)
         if record is None:
             self.cache_misses += 1
-            record = await self.store.lookup(key)
+            try:
+                record = await self.store.lookup(key)
+            except StoreError as exc:
+                raise Overloaded(f"Service Unavailable: {exc.message}", retry_after=1.0) from exc
             if record is None:
                 raise SessionNotFound("Session not found")
             self.cache.put(record)
         else:
             self.cache_hits += 1
         node = self.members.get(record.node_id)
-        if node is None:
-            self.cache.drop(key)
+        if node is None:  # a node we have not heard of yet, or one that is gone: ask once more
+            try:
+                await self.refresh()
+            except StoreError as exc:
+                raise Overloaded(f"Service Unavailable: {exc.message}", retry_after=1.0) from exc
+            node = self.members.get(record.node_id)
+        if node is None or (record.incarnation and node.incarnation != record.incarnation):
+            self.cache.drop(key)  # its owner is gone, or came back as someone new: the session ended
             raise SessionNotFound("Session not found: its node is gone")
         return record, node

@@ -7,7 +7,6 @@ gateway keeps no session state but its route cache.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -60,14 +59,15 @@ class Gateway:
 
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
-        self.placement = Placement(store, config.route_cache_size)
+        self.placement = Placement(store, config.route_cache_size, stale_after=config.heartbeat_ttl)
         self.link = NodeLink(config.internal_secret)
         self.metrics = GatewayMetrics(self.placement)
         self._tasks = TaskSet("gateway")
         self.url = ""
 
     def ready(self) -> bool:
-        return len(self.placement.ring) > 0
+        placement = self.placement
+        return len(placement.ring) > 0 and placement.clock() - placement.read_at <= placement.stale_after
 
     async def membership_loop(self) -> None:
         while True:
@@ -76,7 +76,7 @@ class Gateway:
                     log.info("ring.changed", extra={"detail": repr(self.placement.ring)})
             except TetherError as exc:
                 log.warning("membership.read_failed", extra={"detail": exc.message})
-            await asyncio.sleep(self.config.membership_refresh)
+            await self.placement.store.wait_for_change(self.config.membership_refresh)
 
     async def start(self) -> None:
         await self.placement.refresh()
@@ -91,6 +91,7 @@ class Gateway:
     async def create_session(self, request: web.Request, body: bytes, mode: str,
                              version: str) -> web.StreamResponse:
         """Mint a session id and place the session on the first node of its ring order that accepts it."""
+        self.placement.check_fresh()
         sid = mint_session_id()
         headers = {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version}
         candidates = self.placement.candidates(sid)

@@ -10,10 +10,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether import __version__
 from tether.config import GW, NODE, SETTINGS, UP, Config, load, read_toml
 from tether.errors import ConfigError
+
+if TYPE_CHECKING:
+    from actors.store.base import Store
 
 DESCRIPTIONS = {
     UP: "Start a gateway, actor nodes and the in-memory store on this host, in front of a stdio "
@@ -116,36 +120,62 @@ async def _up(config: Config) -> int:
     return await run_up(config, upstream_argv(config))
 
 
-async def _gateway(config: Config) -> int:
+def open_store(config: Config, *, for_node: bool) -> Store:
+    """The store `config` names: Redis, the gateway's store over the link (nodes), or memory (gateways)."""
+    from actors.store.link import StoreLink
     from actors.store.memory import MemoryStore
+    from actors.store.redis import RedisStore
+
+    if config.redis:
+        if not config.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"Cannot use redis: got {config.redis!r}, expected a URL like redis://HOST:PORT/0")
+        return RedisStore(config.redis)
+    if not for_node:
+        return MemoryStore()
+    if not config.store.startswith(("http://", "https://")):
+        raise ConfigError(f"Cannot join store {config.store!r}: a node needs --redis URL, or the gateway's "
+                          "store URL, e.g. --store http://127.0.0.1:8080/_tether/store")
+    return StoreLink(config.store, config.internal_secret)
+
+
+def _need_secret(config: Config, what: str) -> None:
+    if not config.internal_secret:
+        raise ConfigError(f"Cannot start a {what} without internal_secret: gateways and nodes must prove who "
+                          "they are to each other (set TETHER_INTERNAL_SECRET)")
+
+
+async def _gateway(config: Config) -> int:
     from gateway.app import MCP_PATH, serve_gateway
 
-    if config.store != "memory":
-        raise ConfigError(f"Cannot use store {config.store!r} for a gateway yet: expected 'memory'")
-    if not config.internal_secret:
-        raise ConfigError("Cannot start a gateway without internal_secret: nodes must prove who they are "
-                          "(set TETHER_INTERNAL_SECRET)")
-    async with serve_gateway(config, MemoryStore(), host_store=True) as gateway:
-        print(f"tether gateway: {gateway.url}{MCP_PATH}", flush=True)
-        await wait_for_signal()
+    _need_secret(config, "gateway")
+    store = open_store(config, for_node=False)
+    try:
+        async with serve_gateway(config, store, host_store=not config.redis) as gateway:
+            print(f"tether gateway: {gateway.url}{MCP_PATH}", flush=True)
+            await wait_for_signal()
+    finally:
+        await store.close()
     return 0
 
 
 async def _node(config: Config) -> int:
+    """Run a node. SIGTERM drains it (up to drain_timeout), as does POST /admin/drain; SIGINT stops it now."""
     from actors.node_api import serve_node
-    from actors.store.link import StoreLink
+    from tether.tasks import TaskSet
 
-    if not config.store.startswith(("http://", "https://")):
-        raise ConfigError(f"Cannot join store {config.store!r}: a separate node needs the gateway's store "
-                          "URL, e.g. --store http://127.0.0.1:8080/_tether/store")
-    if not config.internal_secret:
-        raise ConfigError("Cannot start a node without internal_secret (set TETHER_INTERNAL_SECRET)")
-    store = StoreLink(config.store, config.internal_secret)
+    _need_secret(config, "node")
+    store = open_store(config, for_node=True)
+    waits = TaskSet("node-main")
     try:
         async with serve_node(config, store, upstream_argv(config)) as node:
             print(f"tether node: {node.node_id} at {node.url}", flush=True)
-            await wait_for_signal()
+            signalled = waits.spawn(wait_for_signal(), "signals")
+            drained = waits.spawn(node.drained.wait(), "drained")
+            await asyncio.wait([signalled, drained], return_when=asyncio.FIRST_COMPLETED)
+            if signalled.done() and signalled.result() == signal.SIGTERM:
+                await node.drain(config.drain_timeout)
     finally:
+        await waits.close()
         await store.close()
     return 0
 

@@ -83,6 +83,10 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=0.01),
     _s("heartbeat_ttl", float, "seconds a node's membership lives without a heartbeat", ALL,
        minimum=0.3),
+    _s("redis", str, "Redis URL for the distributed form (redis://HOST:PORT/DB); empty: the memory store",
+       ALL),
+    _s("drain_timeout", float, "seconds a draining node keeps serving its sessions before it ends them",
+       ACTOR, minimum=0.0),
     _s("store", str, "where membership and ownership live: 'memory' (embedded, in the gateway) "
        "or the gateway's store URL for a separate node", ALL),
     _s("advertise", str, "URL gateways use to reach this node (default http://HOST:PORT)",
@@ -122,6 +126,8 @@ class Config:
     route_cache_size: int = 100_000
     membership_refresh: float = 0.5
     heartbeat_ttl: float = 10.0
+    redis: str = ""
+    drain_timeout: float = 300.0
     store: str = "memory"
     advertise: str = ""
     node_id: str = ""

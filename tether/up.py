@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 
 from actors.internal import STORE_PATH
-from actors.store.memory import MemoryStore
 from actors.upstream import with_death_signal
 from gateway.app import MCP_PATH, Gateway, serve_gateway
 from tether.config import NODE, SETTINGS, Config
@@ -53,9 +52,9 @@ async def start_node(node_id: str, env: dict[str, str], argv: list[str]) -> Node
 
 
 async def stop_node(node: NodeProcess, grace: float) -> None:
-    """SIGTERM, wait `grace`, then SIGKILL the node's process group; always reap."""
+    """SIGINT (stop now, no drain), wait `grace`, then SIGKILL the node's process group; always reap."""
     with contextlib.suppress(ProcessLookupError):
-        node.process.send_signal(signal.SIGTERM)
+        node.process.send_signal(signal.SIGINT)
     try:
         await asyncio.wait_for(node.process.wait(), grace)
     except TimeoutError:
@@ -65,12 +64,11 @@ async def stop_node(node: NodeProcess, grace: float) -> None:
 
 
 async def run_up(config: Config, argv: list[str]) -> int:
-    from tether.cli import wait_for_signal
+    from tether.cli import open_store, wait_for_signal
 
-    config = config.replace(internal_secret=config.internal_secret or secrets.token_urlsafe(32),
-                            store="memory")
-    store = MemoryStore()
-    async with serve_gateway(config, store, host_store=True) as gateway:
+    config = config.replace(internal_secret=config.internal_secret or secrets.token_urlsafe(32))
+    store = open_store(config, for_node=False)
+    async with serve_gateway(config, store, host_store=not config.redis) as gateway:
         url = gateway.url
         env = node_env(config, url + STORE_PATH)
         nodes = [await start_node(f"node-{i + 1}", env, argv) for i in range(config.nodes)]
@@ -84,6 +82,7 @@ async def run_up(config: Config, argv: list[str]) -> int:
             stop.cancel()
             print("\nStopping: ending sessions and their servers...", file=sys.stderr, flush=True)
             await asyncio.gather(*(stop_node(n, config.kill_grace + 10) for n in nodes))
+    await store.close()
     return 0
 
 

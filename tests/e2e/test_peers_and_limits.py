@@ -124,7 +124,9 @@ async def test_parallel_creates_cannot_overfill_nodes(tmp_path: Path, http: aioh
 
 async def test_a_stalled_node_is_answered_with_504_not_a_hang(tmp_path: Path,
                                                               http: aiohttp.ClientSession) -> None:
-    up = start_tether(tmp_path, "--upstream-request-timeout", "1")
+    # A lease far longer than the stall: this test is about the gateway not hanging, not about
+    # fencing (a stall past the lease ends the node's sessions: tests/e2e/test_distributed.py).
+    up = start_tether(tmp_path, "--upstream-request-timeout", "1", "--heartbeat-ttl", "30")
     raw = RawClient(http, up.mcp_url)
     try:
         sid = await raw.initialize()

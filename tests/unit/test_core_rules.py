@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 
 from actors.ids import is_valid_session_id, is_visible_ascii, mint_session_id
-from actors.lease import IdleLease, reap_idle
+from actors.lease import IdleLease, NodeLease, reap_idle
 from actors.mcp import GET_STREAM, Destination, progress_token, route_upstream
 
 
@@ -64,3 +64,16 @@ def test_progress_token_is_read_from_meta() -> None:
     assert progress_token({"params": {"_meta": {"progressToken": 7}}}) == 7
     assert progress_token({"params": {}}) is None
     assert progress_token({}) is None
+
+
+def test_node_lease_counts_from_before_the_renewal_was_sent() -> None:
+    lease = NodeLease(ttl=10.0)
+    assert not lease.held(0.0)  # nothing is held before the first renewal
+    lease.renewed(sent_at=100.0)  # the store answered later; the clock started when we asked
+    assert lease.held(108.9)
+    assert not lease.held(109.0)  # 1 s of margin before the store's own deadline at 110
+    lease.renewed(sent_at=95.0)  # a late answer to an older renewal never shortens the lease
+    assert lease.deadline == 109.0
+    lease.lose()
+    assert not lease.held(101.0)
+    assert NodeLease(ttl=3.0).margin == 0.3
