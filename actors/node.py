@@ -102,7 +102,9 @@ class Node:
         upstream's answer. Raises `Declined` when full, `UpstreamError` or
         `UpstreamTimeout` when the upstream cannot start.
         """
-        self.check_lease()
+        if not self.lease.held(self.clock()):  # decline, so the gateway tries the next node
+            self.metrics.sessions_declined.inc()
+            raise Declined(f"Node {self.node_id} cannot prove it holds its lease")
         if self.draining or len(self.actors) + self._starting >= self.config.max_sessions:
             self.metrics.sessions_declined.inc()
             raise Declined(f"Node {self.node_id} is full ({len(self.actors)} sessions) or draining")
@@ -130,7 +132,8 @@ class Node:
         self.actors[sid] = actor
         self.metrics.sessions_active.inc()
         actor.start()
-        log.info("session.started", extra={"sid": actor.tag, "pid": upstream.pid})
+        log.info("session.started", extra={"node": self.node_id, "sid": actor.tag, "pid": upstream.pid,
+                                           "epoch": record.epoch, "incarnation": record.incarnation})
         outbox = actor.submit([initialize])
         assert outbox is not None
         try:
@@ -191,7 +194,7 @@ class Node:
     # -- loops ---------------------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
-        while True:
+        while not self._loops.closing:
             await self.renew()
             await asyncio.sleep(self.config.heartbeat_ttl / 3)
 
@@ -201,8 +204,10 @@ class Node:
         if self.lease.deadline and not self.lease.held(self.clock()):
             await self.fence("the lease lapsed before it could be renewed")
         sent = self.clock()  # the lease counts from before the renewal was sent
+        if self._loops.closing:
+            return  # never renew once shutting down: the node is leaving
         try:
-            async with asyncio.timeout(ttl / 3):
+            async with asyncio.timeout(ttl / 2):  # a slow answer still counts while the lease lasts
                 await self.store.heartbeat(self.record(), ttl)
         except LeaseLost as exc:
             await self.fence(exc.message)
@@ -242,7 +247,7 @@ class Node:
             self._fencing = False
 
     async def reaper_loop(self) -> None:
-        while True:
+        while not self._loops.closing:
             await asyncio.sleep(self.config.scan_interval)
             self.reap(self.clock())
 

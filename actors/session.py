@@ -265,7 +265,8 @@ class SessionActor:
             self.get_stream.close()
         await self._tasks.close()
         code = await self.upstream.stop(self.limits.kill_grace)
-        log.info("session.ended", extra={"sid": self.tag, "reason": reason, "pid": self.upstream.pid,
+        log.info("session.ended", extra={"node": self.record.node_id, "sid": self.tag, "reason": self.ended,
+                                         "pid": self.upstream.pid, "epoch": self.record.epoch,
                                          "detail": f"upstream exit code {code}"})
         self._done.set()
 

@@ -70,7 +70,7 @@ class Gateway:
         return len(placement.ring) > 0 and placement.clock() - placement.read_at <= placement.stale_after
 
     async def membership_loop(self) -> None:
-        while True:
+        while not self._tasks.closing:
             try:
                 if await self.placement.refresh():
                     log.info("ring.changed", extra={"detail": repr(self.placement.ring)})

@@ -84,9 +84,26 @@ def _run(main: Awaitable[int]) -> int:
     return uvloop.run(main)  # type: ignore[arg-type]
 
 
+def install_task_dump() -> None:
+    """On SIGUSR1, log every asyncio task and where it waits: for a process that will not stop."""
+    import io
+    import logging
+
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        out = io.StringIO()
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(limit=12, file=out)
+        logging.getLogger("tether.debug").warning("tasks.dump", extra={"detail": out.getvalue()})
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+
+
 async def wait_for_signal() -> int:
     """Block until SIGINT or SIGTERM; return the signal number."""
     loop = asyncio.get_running_loop()
+    install_task_dump()
     got: asyncio.Future[int] = loop.create_future()
 
     def caught(sig: signal.Signals) -> None:

@@ -9,7 +9,8 @@ import time
 
 import orjson
 
-_FIELDS = ("node", "sid", "reason", "pid", "method", "status", "task", "url", "detail", "seconds", "count")
+_FIELDS = ("node", "sid", "epoch", "incarnation", "reason", "pid", "method", "status", "task", "url", "detail",
+           "seconds", "count")
 
 
 def sid_tag(sid: str) -> str:

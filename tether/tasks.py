@@ -16,6 +16,8 @@ class TaskSet:
     def __init__(self, owner: str) -> None:
         self._owner = owner
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Loops check this each round, so they stop even if a library swallowed their cancellation.
+        self.closing = False
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=f"{self._owner}:{name}")
@@ -31,9 +33,18 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self) -> None:
-        """Cancel every task still running and wait for them to finish."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Cancel every task still running and wait for them, at most `timeout` seconds.
+
+        A task that swallows its cancellation (some client libraries do) is logged and
+        left behind rather than allowed to hang shutdown.
+        """
+        self.closing = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            log.error("task.ignored_cancel", extra={"task": task.get_name(), "seconds": timeout})

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from actors.store.base import Membership, NodeRecord, OwnershipRecord
 from tether.errors import LeaseLost, OwnershipConflict, StoreError
+from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.store")
 
@@ -163,7 +164,9 @@ class RedisStore:
         self._leave = self._redis.register_script(LEAVE)
         self._grant = self._redis.register_script(GRANT)
         self._release = self._redis.register_script(RELEASE)
-        self._pubsub: Any = None
+        self._tasks = TaskSet("redis-store")
+        self._listener: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
         self._members: dict[str, NodeRecord] = {}  # last membership seen, to judge owners in grant()
 
     def __repr__(self) -> str:
@@ -243,21 +246,32 @@ class RedisStore:
         return bool(released)
 
     async def wait_for_change(self, timeout: float) -> None:
-        """Return when membership may have changed (a published generation), or after `timeout`."""
-        try:
-            if self._pubsub is None:
-                self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                await self._pubsub.subscribe(CHANNEL)
-            await self._pubsub.get_message(timeout=timeout)
-        except (RedisError, OSError):
-            await self._drop_pubsub()
-            await asyncio.sleep(timeout)
+        """Return when membership may have changed (a published generation), or after `timeout`.
 
-    async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+        A listener task reads the channel and only sets an Event, so this wait is
+        plain asyncio and always cancellable (redis-py's get_message(timeout) can
+        swallow a cancellation).
+        """
+        if self._listener is None or self._listener.done():
+            self._listener = self._tasks.spawn(self._listen(), "membership-listener")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+        self._changed.clear()
+
+    async def _listen(self) -> None:
+        while not self._tasks.closing:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                async for _ in pubsub.listen():
+                    self._changed.set()
+            except (RedisError, OSError):
+                self._changed.set()  # the caller re-reads; the periodic re-read covers the gap
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(1.0)  # Redis is away: try again, without spinning
 
     async def ping(self) -> bool:
         try:
@@ -266,5 +280,5 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        await self._drop_pubsub()
+        await self._tasks.close(timeout=2.0)
         await self._redis.aclose()
