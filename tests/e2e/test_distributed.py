@@ -1,0 +1,222 @@
+"""Distributed Tether on a real Redis: 2 gateways, 2 or 3 nodes, all separate processes.
+
+After every test the ownership oracle reads every node's log: no two activations
+of one session overlap and epochs only grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from mcp.client.client import Client
+
+from tests.support import RawClient, RedisServer, call_tool, wait_until
+from tests.topology import SECRET, Topology
+
+TTL = 3.0
+FAST = {"heartbeat_ttl": str(TTL), "membership_refresh": "0.2", "keepalive_interval": "1", "kill_grace": "1"}
+LIST = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
+
+MakeTopology = Callable[..., Awaitable[Topology]]
+
+
+@pytest.fixture
+async def make_topology(redis_server: RedisServer, tmp_path: Path,
+                        http: aiohttp.ClientSession) -> AsyncIterator[MakeTopology]:
+    made: list[Topology] = []
+
+    async def make(nodes: int = 3, gateways: int = 2, **settings: str) -> Topology:
+        flush = aioredis.Redis.from_url(redis_server.url)
+        await flush.flushall()
+        await flush.aclose()
+        topo = Topology(redis_server, tmp_path, {**FAST, **settings})
+        made.append(topo)
+        for i in range(nodes):
+            topo.add_node(f"node-{i + 1}")
+        for _ in range(gateways):
+            topo.add_gateway()
+        await topo.wait_ring(http, set(topo.nodes))
+        return topo
+
+    yield make
+    for topo in made:
+        assert topo.stop() == []  # every process stopped on Ctrl-C, none had to be killed
+        assert topo.ownership_violations() == []
+
+
+async def session_keys(redis_url: str) -> list[str]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return sorted(k for k in await client.keys("tether:*"))
+    finally:
+        await client.aclose()
+
+
+async def counter(raw: RawClient, sid: str, request_id: int = 1) -> int:
+    answer = await raw.call(sid, call_tool(request_id, "increment"))
+    return int(answer["result"]["content"][0]["text"])
+
+
+async def session_on(raw: RawClient, node_id: str, tries: int = 60) -> str:
+    """A new session that the ring placed on `node_id`."""
+    for _ in range(tries):
+        sid = await raw.initialize()
+        if (await raw.whoami(sid))["node"] == node_id:
+            return sid
+    raise AssertionError(f"no session landed on {node_id} in {tries} tries")
+
+
+async def test_a_session_works_through_any_gateway(make_topology: MakeTopology,
+                                                   http: aiohttp.ClientSession) -> None:
+    topo = await make_topology()
+    a, b = RawClient(http, topo.mcp_url(0)), RawClient(http, topo.mcp_url(1))
+    sid = await a.initialize()
+    assert [await counter(a, sid), await counter(b, sid), await counter(a, sid)] == [1, 2, 3]
+    async with http.get(b.url, headers={"Mcp-Session-Id": sid, "Accept": "text/event-stream"}) as stream:
+        assert stream.status == 200
+    async with http.delete(b.url, headers={"Mcp-Session-Id": sid}) as resp:
+        assert resp.status == 200
+    assert (await a.post(LIST, sid=sid))[0] == 404
+    assert (await b.post(LIST, sid=sid))[0] == 404
+
+
+async def test_scale_out_takes_new_sessions_and_moves_none(make_topology: MakeTopology,
+                                                           http: aiohttp.ClientSession) -> None:
+    topo = await make_topology(2)
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client(topo.mcp_url(i % 2), mode="legacy"))
+                   for i in range(8)]
+
+        async def step(client: Client) -> int:
+            return int((await client.call_tool("increment", {})).content[0].text)  # type: ignore[union-attr]
+
+        async def owner(client: Client) -> str:
+            text = (await client.call_tool("whoami", {})).content[0].text  # type: ignore[union-attr]
+            return str(orjson.loads(text)["node"])
+
+        assert [[await step(c) for _ in range(3)] for c in clients] == [[1, 2, 3]] * 8
+        owners = [await owner(c) for c in clients]
+
+        topo.add_node("node-3")  # joins under traffic
+        await topo.wait_ring(http, {"node-1", "node-2", "node-3"})
+        raw = RawClient(http, topo.mcp_url(1))
+        placed = [(await raw.whoami(await raw.initialize()))["node"] for _ in range(30)]
+        assert 3 <= placed.count("node-3") <= 20, placed  # about a third of new sessions
+
+        assert [await step(c) for c in clients] == [4] * 8  # no live session broke or reset...
+        assert [await owner(c) for c in clients] == owners  # ...or moved
+
+
+async def test_sigterm_drains_a_node(make_topology: MakeTopology, http: aiohttp.ClientSession) -> None:
+    topo = await make_topology()
+    raw = RawClient(http, topo.mcp_url(0))
+    sid = await session_on(raw, "node-1")
+    assert await counter(raw, sid) == 1
+    draining = topo.nodes["node-1"]
+    draining.signal(signal.SIGTERM)
+
+    async def not_ready() -> bool:
+        async with http.get(draining.url + "/readyz") as resp:
+            return resp.status == 503
+
+    await wait_until(not_ready, timeout=5, what="the draining node to report not ready")
+    await topo.wait_ring(http, {"node-2", "node-3"})
+    placed = [(await raw.whoami(await raw.initialize()))["node"] for _ in range(15)]
+    assert "node-1" not in placed  # off the ring for new sessions...
+    assert await counter(RawClient(http, topo.mcp_url(1)), sid) == 2  # ...still serving its own
+    async with http.delete(raw.url, headers={"Mcp-Session-Id": sid}) as resp:
+        assert resp.status == 200
+    assert await asyncio.to_thread(draining.wait, 15) == 0  # its last session ended: it exits 0
+    topo.remove("node-1")
+
+
+async def test_admin_drain_ends_what_is_left_at_the_deadline(make_topology: MakeTopology,
+                                                             http: aiohttp.ClientSession) -> None:
+    topo = await make_topology(drain_timeout="1")
+    raw = RawClient(http, topo.mcp_url(0))
+    sid = await session_on(raw, "node-2")
+    node = topo.nodes["node-2"]
+    async with http.post(node.url + "/admin/drain") as resp:
+        assert resp.status == 401  # not without the internal secret
+    async with http.post(node.url + "/admin/drain", headers={"X-Tether-Secret": SECRET}) as resp:
+        assert resp.status == 202
+    assert await asyncio.to_thread(node.wait, 15) == 0
+    topo.remove("node-2")
+    assert (await raw.post(LIST, sid=sid))[0] == 404  # ended cleanly when the drain deadline passed
+
+
+async def test_a_killed_node_is_503_then_404_and_leaves_no_records(make_topology: MakeTopology,
+                                                                   http: aiohttp.ClientSession,
+                                                                   redis_server: RedisServer) -> None:
+    topo = await make_topology()
+    raw = RawClient(http, topo.mcp_url(0))
+    sid = await session_on(raw, "node-3")
+    assert any(sid in key for key in await session_keys(redis_server.url))
+    victim = topo.remove("node-3")
+    victim.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    async with asyncio.timeout(5):  # never a hang
+        status, headers, _ = await raw.post(LIST, sid=sid)
+    if status == 503:
+        assert int(headers["Retry-After"]) >= 1
+    else:
+        assert status == 404
+
+    async def gone() -> bool:
+        return (await raw.post(LIST, sid=sid))[0] == 404
+
+    await wait_until(gone, timeout=TTL + 1 - (time.monotonic() - killed_at), what="404 within TTL + 1 s")
+
+    async def no_records() -> bool:
+        return not [k for k in await session_keys(redis_server.url) if sid in k or "node-3" in k]
+
+    await wait_until(no_records, timeout=5, what="the dead node's records removed")
+
+
+async def test_a_paused_node_never_serves_its_old_sessions_again(make_topology: MakeTopology,
+                                                                 http: aiohttp.ClientSession) -> None:
+    topo = await make_topology()
+    raw = RawClient(http, topo.mcp_url(0))
+    sid = await session_on(raw, "node-2")
+    assert await counter(raw, sid) == 1
+    paused = topo.nodes["node-2"]
+    paused.signal(signal.SIGSTOP)
+    try:
+        await topo.wait_ring(http, {"node-1", "node-3"})  # its lease lapsed
+        stall = 2 * TTL  # the scenario: stopped for twice the lease TTL
+        await asyncio.sleep(stall)
+    finally:
+        paused.signal(signal.SIGCONT)
+    for gateway in (0, 1):
+        assert (await RawClient(http, topo.mcp_url(gateway)).post(LIST, sid=sid))[0] in (404, 503)
+    await topo.wait_ring(http, {"node-1", "node-2", "node-3"})  # it rejoins, as a new incarnation
+    for gateway in (0, 1):
+        assert (await RawClient(http, topo.mcp_url(gateway)).post(LIST, sid=sid))[0] == 404
+    fresh = await session_on(raw, "node-2")
+    assert await counter(raw, fresh) == 1
+
+
+async def test_abandoned_sessions_leave_no_keys(make_topology: MakeTopology, http: aiohttp.ClientSession,
+                                                redis_server: RedisServer) -> None:
+    idle, scan = 1.0, 0.2
+    topo = await make_topology(idle_timeout=str(idle), scan_interval=str(scan))
+    raws = [RawClient(http, topo.mcp_url(i)) for i in (0, 1)]
+    for batch in range(10):
+        await asyncio.gather(*(raws[(batch + i) % 2].initialize() for i in range(20)))
+
+    async def none_left() -> bool:
+        return await session_keys(redis_server.url) == []
+
+    await wait_until(none_left, timeout=idle + scan + 1 + 10, what="every abandoned session's keys removed")
+    events = [ev for proc in topo.nodes.values() for ev in proc.log_events()]
+    assert sum(ev["event"] == "session.started" for ev in events) == 200
+    assert [ev["reason"] for ev in events if ev["event"] == "session.ended"] == ["idle"] * 200
