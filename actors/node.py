@@ -63,6 +63,7 @@ class Node:
         self.lease = NodeLease(config.heartbeat_ttl)
         self._watchdog: asyncio.TimerHandle | None = None
         self._fencing = False
+        self._joined = False  # this incarnation's registration was accepted at least once
         self._emptied = asyncio.Event()  # set whenever the last session ends
         self.drained = asyncio.Event()
         self._starting = 0  # creates in flight, counted against max_sessions
@@ -208,7 +209,7 @@ class Node:
             return  # never renew once shutting down: the node is leaving
         try:
             async with asyncio.timeout(ttl / 2):  # a slow answer still counts while the lease lasts
-                await self.store.heartbeat(self.record(), ttl)
+                known = await self.store.heartbeat(self.record(), ttl)
         except LeaseLost as exc:
             await self.fence(exc.message)
             return
@@ -220,6 +221,22 @@ class Node:
         self.lease.renewed(sent)
         self._arm_watchdog()
         self.metrics.lease_renewals.labels(self.node_id, "ok").inc()
+        if self._joined and not known:
+            await self.reassert_all()  # the store forgot us while our lease held: it lost its data
+        self._joined = True
+
+    async def reassert_all(self) -> None:
+        """Put every live session's record back in a store that lost them; end any now owned elsewhere."""
+        log.warning("store.forgot_us", extra={"node": self.node_id, "count": len(self.actors)})
+        for actor in list(self.actors.values()):
+            try:
+                held = await self.store.reassert(actor.record)
+            except StoreError as exc:
+                log.warning("store.reassert_failed", extra={"sid": actor.tag, "detail": exc.message})
+                continue
+            if not held:
+                self._begin_end(actor, "owner_lost")
+                log.error("session.owned_elsewhere", extra={"sid": actor.tag, "node": self.node_id})
 
     def _arm_watchdog(self) -> None:
         """Fence at the lease deadline unless a renewal moves it first: no serving on a lapsed lease."""
@@ -243,6 +260,7 @@ class Node:
             log.error("lease.lost", extra={"node": self.node_id, "detail": reason, "count": len(self.actors)})
             await self.end_all("owner_lost")
             self.incarnation = secrets.token_hex(8)  # the lapsed incarnation never comes back
+            self._joined = False
         finally:
             self._fencing = False
 

@@ -46,6 +46,8 @@ class Placement:
         self.stale_after = stale_after  # membership older than this is not trusted to route
         self.clock = clock
         self.read_at = -float("inf")
+        self.store_id = ""
+        self.recovering_until = -float("inf")  # after a store reset: unknown owners are 503, not 404
         self.ring = Ring()
         self.members: dict[str, NodeRecord] = {}
         self.cache = RouteCache(cache_size)
@@ -66,6 +68,11 @@ class Placement:
                              retry_after=1.0)
 
     def apply(self, membership: Membership) -> bool:
+        if self.store_id and membership.store_id != self.store_id:
+            # The store lost its data: give nodes a lease TTL to re-register and re-assert before
+            # a missing record or owner is taken to mean the session ended.
+            self.recovering_until = self.clock() + self.stale_after
+        self.store_id = membership.store_id
         self.members = membership.by_id()
         if membership.generation == self._generation:
             return False
@@ -96,6 +103,7 @@ class Placement:
             except StoreError as exc:
                 raise Overloaded(f"Service Unavailable: {exc.message}", retry_after=1.0) from exc
             if record is None:
+                self._not_found_unless_recovering()
                 raise SessionNotFound("Session not found")
             self.cache.put(record)
         else:
@@ -109,5 +117,11 @@ class Placement:
             node = self.members.get(record.node_id)
         if node is None or (record.incarnation and node.incarnation != record.incarnation):
             self.cache.drop(key)  # its owner is gone, or came back as someone new: the session ended
+            self._not_found_unless_recovering()
             raise SessionNotFound("Session not found: its node is gone")
         return record, node
+
+    def _not_found_unless_recovering(self) -> None:
+        if self.clock() < self.recovering_until:
+            raise Overloaded("Service Unavailable: the store is recovering; nodes are re-registering",
+                             retry_after=1.0)

@@ -37,6 +37,7 @@ class Membership:
 
     generation: int
     nodes: tuple[NodeRecord, ...]
+    store_id: str = ""  # changes when the store lost its data (e.g. Redis restarted empty)
 
     def by_id(self) -> dict[str, NodeRecord]:
         return {node.node_id: node for node in self.nodes}
@@ -62,11 +63,13 @@ class OwnershipRecord:
 class Store(Protocol):
     """Membership and ownership. Implementations raise `StoreError` when unreachable."""
 
-    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
-        """Add or renew `node` for `ttl` seconds.
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> bool:
+        """Add or renew `node` for `ttl` seconds. True if it renewed a registration the store had.
 
-        Raises `LeaseLost` when this incarnation's lease already lapsed, or a
-        live node with another incarnation holds the id.
+        False means the store did not know this node: new, or the store lost its
+        data, in which case the node must `reassert` what it owns. Raises
+        `LeaseLost` when this incarnation's lease already lapsed, or a live node
+        with another incarnation holds the id.
         """
 
     async def leave(self, node_id: str, incarnation: str = "") -> None:
@@ -83,6 +86,9 @@ class Store(Protocol):
 
         Raises `OwnershipConflict` if a live node already owns the key.
         """
+
+    async def reassert(self, record: OwnershipRecord) -> bool:
+        """Put back a record the store lost, epoch kept. False if another owner holds the key now."""
 
     async def lookup(self, key: str) -> OwnershipRecord | None:
         """The current owner of `key`, or None."""

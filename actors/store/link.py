@@ -22,8 +22,8 @@ from tether.errors import LeaseLost, OwnershipConflict, StoreError
 Op = Callable[[Store, dict[str, Any]], Awaitable[Any]]
 
 
-async def _heartbeat(store: Store, body: dict[str, Any]) -> None:
-    await store.heartbeat(NodeRecord.from_dict(body["node"]), float(body["ttl"]))
+async def _heartbeat(store: Store, body: dict[str, Any]) -> bool:
+    return await store.heartbeat(NodeRecord.from_dict(body["node"]), float(body["ttl"]))
 
 
 async def _leave(store: Store, body: dict[str, Any]) -> None:
@@ -32,7 +32,7 @@ async def _leave(store: Store, body: dict[str, Any]) -> None:
 
 async def _membership(store: Store, body: dict[str, Any]) -> dict[str, Any]:
     m = await store.membership()
-    return {"generation": m.generation, "nodes": [n.to_dict() for n in m.nodes]}
+    return {"generation": m.generation, "nodes": [n.to_dict() for n in m.nodes], "store_id": m.store_id}
 
 
 async def _grant(store: Store, body: dict[str, Any]) -> dict[str, Any]:
@@ -48,9 +48,13 @@ async def _release(store: Store, body: dict[str, Any]) -> bool:
     return await store.release(OwnershipRecord.from_dict(body["record"]))
 
 
+async def _reassert(store: Store, body: dict[str, Any]) -> bool:
+    return await store.reassert(OwnershipRecord.from_dict(body["record"]))
+
+
 OPS: dict[str, Op] = {
     "heartbeat": _heartbeat, "leave": _leave, "membership": _membership,
-    "grant": _grant, "lookup": _lookup, "release": _release,
+    "grant": _grant, "lookup": _lookup, "release": _release, "reassert": _reassert,
 }
 
 
@@ -106,15 +110,16 @@ class StoreLink:
             raise StoreError(f"Cannot {op} at the store {self._base}: {resp.status} {payload.get('error')}")
         return payload["result"]
 
-    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
-        await self._call("heartbeat", {"node": node.to_dict(), "ttl": ttl})
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> bool:
+        return bool(await self._call("heartbeat", {"node": node.to_dict(), "ttl": ttl}))
 
     async def leave(self, node_id: str, incarnation: str = "") -> None:
         await self._call("leave", {"node_id": node_id, "incarnation": incarnation})
 
     async def membership(self) -> Membership:
         data = await self._call("membership", {})
-        return Membership(int(data["generation"]), tuple(NodeRecord.from_dict(n) for n in data["nodes"]))
+        return Membership(int(data["generation"]), tuple(NodeRecord.from_dict(n) for n in data["nodes"]),
+                          str(data.get("store_id", "")))
 
     async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
         body = {"key": key, "node_id": node_id, "incarnation": incarnation}
@@ -129,6 +134,9 @@ class StoreLink:
 
     async def release(self, record: OwnershipRecord) -> bool:
         return bool(await self._call("release", {"record": record.to_dict()}))
+
+    async def reassert(self, record: OwnershipRecord) -> bool:
+        return bool(await self._call("reassert", {"record": record.to_dict()}))
 
     async def close(self) -> None:
         if self._session is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ class MemoryStore:
         # One counter for every grant: per key it still only grows, and it costs no memory per key.
         self._epoch = 0
         self._changed: asyncio.Event | None = None
+        self.store_id = secrets.token_hex(8)
         self._lapsed: dict[str, float] = {}  # incarnations that lapsed or left -> when; they never return
 
     def _bump(self) -> None:
@@ -45,7 +47,7 @@ class MemoryStore:
         for old in [i for i, when in self._lapsed.items() if when < now - 3600]:
             del self._lapsed[old]
 
-    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> bool:
         now = self._clock()
         if node.incarnation in self._lapsed:
             raise LeaseLost(f"Cannot renew {node.node_id}: its lease lapsed; rejoin as a new incarnation")
@@ -61,6 +63,7 @@ class MemoryStore:
         self._nodes[node.node_id] = (node, now + ttl)
         if previous_record is None or (previous_record.accepting, previous_record.url) != (node.accepting, node.url):
             self._bump()
+        return previous_record is not None
 
     async def leave(self, node_id: str, incarnation: str = "") -> None:
         entry = self._nodes.get(node_id)
@@ -89,7 +92,7 @@ class MemoryStore:
     async def membership(self) -> Membership:
         self._expire()
         nodes = tuple(sorted((record for record, _ in self._nodes.values()), key=lambda n: n.node_id))
-        return Membership(self._generation, nodes)
+        return Membership(self._generation, nodes, self.store_id)
 
     async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
         self._expire()
@@ -104,6 +107,15 @@ class MemoryStore:
         self._owners[key] = record
         self._keys_of.setdefault(node_id, set()).add(key)
         return record
+
+    async def reassert(self, record: OwnershipRecord) -> bool:
+        current = self._owners.get(record.key)
+        if current is not None:
+            return (current.node_id, current.incarnation) == (record.node_id, record.incarnation)
+        self._owners[record.key] = record
+        self._keys_of.setdefault(record.node_id, set()).add(record.key)
+        self._epoch = max(self._epoch, record.epoch)
+        return True
 
     async def lookup(self, key: str) -> OwnershipRecord | None:
         return self._owners.get(key)

@@ -6,6 +6,9 @@ Key layout. Hash tags keep the keys one script touches in one Redis Cluster slot
     {tether}:nodes        HASH    node_id -> NodeRecord as JSON
     {tether}:generation   STRING  membership generation; INCR'd on every change
     {tether}:lapsed       ZSET    incarnations whose lease lapsed or that left -> when (kept an hour)
+    {tether}:instance     STRING  a random id set when this data set was born; a new one means Redis
+                                  lost its data (a restart without persistence): gateways then wait a
+                                  TTL for nodes to re-register and re-assert before calling sessions gone
     tether:{KEY}:owner    HASH    node, incarnation, epoch (no TTL: removed by release or the janitor)
     tether:{KEY}:epoch    STRING  only ever INCR'd, never given a TTL; removed with the owner on release
     tether:{NODE}:owned   SET     keys granted to a node: the janitor's index
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -39,6 +43,7 @@ MEMBERS = "{tether}:members"
 NODES = "{tether}:nodes"
 GENERATION = "{tether}:generation"
 LAPSED = "{tether}:lapsed"
+INSTANCE = "{tether}:instance"
 CHANNEL = "tether:membership"
 
 _NOW_MS = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
@@ -47,7 +52,9 @@ _NOW_MS = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[
 # ARGV[1] node_id, ARGV[2] NodeRecord JSON, ARGV[3] ttl in ms, ARGV[4] channel
 # Adds or renews a node's lease. Refuses (TETHER_ID_IN_USE) while another live incarnation holds
 # the id, and (TETHER_LEASE_LOST) a renewal by an incarnation whose lease already lapsed, swept or
-# not: that node must fence itself and come back as a new incarnation. Returns the generation.
+# not: that node must fence itself and come back as a new incarnation. Returns {generation, known}:
+# known is 1 when this renewed an existing registration, 0 when it created one (a new node, or
+# a Redis that lost its data: the node then re-asserts what it owns).
 HEARTBEAT = _NOW_MS + """
 local record = cjson.decode(ARGV[2])
 if record['incarnation'] ~= '' and redis.call('ZSCORE', KEYS[4], record['incarnation']) then
@@ -65,19 +72,22 @@ if prev then
     return redis.error_reply('TETHER_LEASE_LOST')
   end
 end
+local known = 0
+if prev and deadline and deadline > now then known = 1 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if changed then
   local g = redis.call('INCR', KEYS[3])
   redis.call('PUBLISH', ARGV[4], g)
-  return g
+  return {g, known}
 end
-return tonumber(redis.call('GET', KEYS[3]) or '0')
+return {tonumber(redis.call('GET', KEYS[3]) or '0'), known}
 """
 
-# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed; ARGV[1] channel
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed, KEYS[5] instance
+# ARGV[1] channel, ARGV[2] a fresh random id, used if this data set has none yet
 # Sweeps nodes whose lease lapsed (bumping the generation, remembering their incarnation as
-# lapsed), then returns {generation, live NodeRecord JSONs, swept NodeRecord JSONs}.
+# lapsed), then returns {generation, live NodeRecord JSONs, swept NodeRecord JSONs, instance id}.
 MEMBERSHIP = _NOW_MS + """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 local swept = {}
@@ -95,7 +105,12 @@ if #expired > 0 then
   local g = redis.call('INCR', KEYS[3])
   redis.call('PUBLISH', ARGV[1], g)
 end
-return {tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('HVALS', KEYS[2]), swept}
+local instance = redis.call('GET', KEYS[5])
+if not instance then
+  instance = ARGV[2]
+  redis.call('SET', KEYS[5], instance)
+end
+return {tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('HVALS', KEYS[2]), swept, instance}
 """
 
 # KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed
@@ -137,6 +152,20 @@ end
 return 0
 """
 
+# KEYS[1] owner, KEYS[2] epoch; ARGV[1] node, ARGV[2] incarnation, ARGV[3] epoch
+# Puts back a record Redis lost (a restart without persistence), keeping its epoch and never letting
+# the epoch key go back. Returns 1 if the record is (now) this owner's, 0 if someone else holds it.
+REASSERT = """
+local cur = redis.call('HMGET', KEYS[1], 'node', 'incarnation')
+if cur[1] then
+  if cur[1] == ARGV[1] and cur[2] == ARGV[2] then return 1 end
+  return 0
+end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', ARGV[3])
+return 1
+"""
+
 T = TypeVar("T")
 
 
@@ -164,6 +193,7 @@ class RedisStore:
         self._leave = self._redis.register_script(LEAVE)
         self._grant = self._redis.register_script(GRANT)
         self._release = self._redis.register_script(RELEASE)
+        self._reassert = self._redis.register_script(REASSERT)
         self._tasks = TaskSet("redis-store")
         self._listener: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -185,10 +215,11 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreError(f"Cannot {what}: Redis at {self.url} is unreachable ({exc!r})") from exc
 
-    async def heartbeat(self, node: NodeRecord, ttl: float) -> None:
+    async def heartbeat(self, node: NodeRecord, ttl: float) -> bool:
         args: list[str | int] = [node.node_id, orjson.dumps(node.to_dict()).decode(), int(ttl * 1000), CHANNEL]
-        await self._call(f"renew the lease of {node.node_id}",
-                         self._heartbeat(keys=[MEMBERS, NODES, GENERATION, LAPSED], args=args))
+        _, known = await self._call(f"renew the lease of {node.node_id}",
+                                    self._heartbeat(keys=[MEMBERS, NODES, GENERATION, LAPSED], args=args))
+        return bool(known)
 
     async def leave(self, node_id: str, incarnation: str = "") -> None:
         record = self._members.get(node_id)
@@ -199,13 +230,13 @@ class RedisStore:
             await self._clean_up_after(NodeRecord(node_id, "", incarnation=incarnation))
 
     async def membership(self) -> Membership:
-        generation, live, swept = await self._call(
-            "read membership", self._membership(keys=[MEMBERS, NODES, GENERATION, LAPSED], args=[CHANNEL]))
+        generation, live, swept, instance = await self._call("read membership", self._membership(
+            keys=[MEMBERS, NODES, GENERATION, LAPSED, INSTANCE], args=[CHANNEL, secrets.token_hex(8)]))
         nodes = sorted((NodeRecord.from_dict(orjson.loads(raw)) for raw in live), key=lambda n: n.node_id)
         self._members = {n.node_id: n for n in nodes}
         for raw in swept:  # this call swept them, so this caller cleans up after them
             await self._clean_up_after(NodeRecord.from_dict(orjson.loads(raw)))
-        return Membership(int(generation), tuple(nodes))
+        return Membership(int(generation), tuple(nodes), str(instance))
 
     async def _clean_up_after(self, gone: NodeRecord) -> None:
         """The janitor: drop every record the lapsed incarnation of a node still holds."""
@@ -230,6 +261,14 @@ class RedisStore:
         epoch = await self._call(f"grant {key[:8]}...", self._grant(
             keys=[owner_key(key), epoch_key(key)], args=[node_id, incarnation, *replace]))
         return OwnershipRecord(key, node_id, int(epoch), incarnation)
+
+    async def reassert(self, record: OwnershipRecord) -> bool:
+        held = await self._call(f"re-assert {record.key[:8]}...", self._reassert(
+            keys=[owner_key(record.key), epoch_key(record.key)],
+            args=[record.node_id, record.incarnation, record.epoch]))
+        if held:
+            await self._call("index a re-assert", self._redis.sadd(owned_key(record.node_id), record.key))
+        return bool(held)
 
     async def lookup(self, key: str) -> OwnershipRecord | None:
         node, incarnation, epoch = await self._call(

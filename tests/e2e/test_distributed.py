@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from mcp.client.client import Client
 
-from tests.support import RawClient, RedisServer, call_tool, wait_until
+from tests.support import RawClient, RedisServer, call_tool, initialize_message, wait_until
 from tests.topology import SECRET, Topology
 
 TTL = 3.0
@@ -34,11 +34,13 @@ async def make_topology(redis_server: RedisServer, tmp_path: Path,
                         http: aiohttp.ClientSession) -> AsyncIterator[MakeTopology]:
     made: list[Topology] = []
 
-    async def make(nodes: int = 3, gateways: int = 2, **settings: str) -> Topology:
-        flush = aioredis.Redis.from_url(redis_server.url)
+    async def make(nodes: int = 3, gateways: int = 2, redis: RedisServer | None = None,
+                   **settings: str) -> Topology:
+        redis = redis or redis_server
+        flush = aioredis.Redis.from_url(redis.url)
         await flush.flushall()
         await flush.aclose()
-        topo = Topology(redis_server, tmp_path, {**FAST, **settings})
+        topo = Topology(redis, tmp_path, {**FAST, **settings})
         made.append(topo)
         for i in range(nodes):
             topo.add_node(f"node-{i + 1}")
@@ -220,3 +222,69 @@ async def test_abandoned_sessions_leave_no_keys(make_topology: MakeTopology, htt
     events = [ev for proc in topo.nodes.values() for ev in proc.log_events()]
     assert sum(ev["event"] == "session.started" for ev in events) == 200
     assert [ev["reason"] for ev in events if ev["event"] == "session.ended"] == ["idle"] * 200
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server this test may stop and restart (on the same port, empty, as without persistence)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+async def status_of(raw: RawClient, sid: str) -> int:
+    return (await raw.post(LIST, sid=sid, accept="application/json"))[0]
+
+
+async def test_redis_restart_within_the_lease_loses_no_session(make_topology: MakeTopology,
+                                                               http: aiohttp.ClientSession,
+                                                               own_redis: RedisServer) -> None:
+    topo = await make_topology(redis=own_redis)
+    a = RawClient(http, topo.mcp_url(0))
+    sids = [await a.initialize() for _ in range(6)]
+    assert [await counter(a, sid) for sid in sids] == [1] * 6
+    own_redis.stop()
+    own_redis.start()  # back at once, with nothing in it
+
+    async def all_served() -> bool:
+        return all([await status_of(a, sid) == 200 for sid in sids])
+
+    await wait_until(all_served, timeout=TTL + 5, what="every session served again after the restart")
+    assert [await counter(a, sid) for sid in sids] == [2] * 6  # state intact, nothing reset
+    topo.add_gateway()  # a gateway with no cache finds them through the re-asserted records
+    await topo.wait_ring(http, set(topo.nodes))
+    fresh = RawClient(http, topo.mcp_url(2))
+    assert [await counter(fresh, sid) for sid in sids] == [3] * 6
+
+
+async def test_redis_down_past_the_lease_fences_nodes_then_recovers(make_topology: MakeTopology,
+                                                                   http: aiohttp.ClientSession,
+                                                                   own_redis: RedisServer) -> None:
+    topo = await make_topology(redis=own_redis)
+    a, b = RawClient(http, topo.mcp_url(0)), RawClient(http, topo.mcp_url(1))
+    sid = await a.initialize()
+    assert await counter(a, sid) == 1
+    own_redis.stop()
+
+    async def unavailable() -> bool:
+        status, headers, _ = await b.post(LIST, sid=sid, accept="application/json")
+        return status == 503 and int(headers.get("Retry-After", "0")) >= 1
+
+    await wait_until(unavailable, timeout=TTL + 5, what="503 with Retry-After while Redis is away")
+
+    async def all_fenced() -> bool:
+        return all(any(ev["event"] == "lease.lost" for ev in node.log_events()) for node in topo.nodes.values())
+
+    await wait_until(all_fenced, timeout=TTL + 5, what="every node to fence itself")
+    own_redis.start()
+
+    async def recovered() -> bool:
+        status, _, _ = await b.post(initialize_message(), accept="application/json")
+        return status == 200
+
+    await wait_until(recovered, timeout=TTL + 10, what="new sessions accepted once Redis is back")
+
+    async def old_session_gone() -> bool:
+        return await status_of(a, sid) == 404
+
+    await wait_until(old_session_gone, timeout=TTL + 5, what="the fenced session to answer 404")

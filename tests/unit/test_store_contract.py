@@ -209,3 +209,23 @@ async def test_redis_keys_share_a_hash_tag_per_session(redis_server: RedisServer
     finally:
         await store.close()
         await raw.aclose()
+
+
+async def test_heartbeat_tells_a_renewal_from_a_new_registration(h: Harness) -> None:
+    assert await h.store.heartbeat(A, ttl=LONG) is False  # the store did not know it
+    assert await h.store.heartbeat(A, ttl=LONG) is True
+    assert (await h.store.membership()).store_id  # a store names its data set
+
+
+async def test_reassert_puts_back_a_lost_record_and_never_steals_one(h: Harness) -> None:
+    await h.store.heartbeat(A, ttl=LONG)
+    await h.store.heartbeat(B, ttl=LONG)
+    record = await h.store.grant("kept", "node-a", A.incarnation)
+    await h.store.release(record)  # as if the store had lost it
+    assert await h.store.reassert(record) is True
+    assert await h.store.lookup("kept") == record
+    assert await h.store.reassert(record) is True  # idempotent
+    taken = await h.store.grant("taken", "node-b", B.incarnation)
+    claim = OwnershipRecord("taken", "node-a", taken.epoch + 5, A.incarnation)
+    assert await h.store.reassert(claim) is False
+    assert await h.store.lookup("taken") == taken
