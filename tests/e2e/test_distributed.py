@@ -19,8 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from mcp.client.client import Client
 
+from tests.conftest import start_tether
 from tests.support import RawClient, RedisServer, call_tool, initialize_message, wait_until
-from tests.topology import SECRET, Topology
+from tests.topology import LIGHT, SECRET, Topology
 
 TTL = 3.0
 FAST = {"heartbeat_ttl": str(TTL), "membership_refresh": "0.2", "keepalive_interval": "1", "kill_grace": "1"}
@@ -288,3 +289,19 @@ async def test_redis_down_past_the_lease_fences_nodes_then_recovers(make_topolog
         return await status_of(a, sid) == 404
 
     await wait_until(old_session_gone, timeout=TTL + 5, what="the fenced session to answer 404")
+
+
+async def test_tether_up_runs_the_distributed_form_on_one_host(tmp_path: Path, redis_server: RedisServer,
+                                                                http: aiohttp.ClientSession) -> None:
+    flush = aioredis.Redis.from_url(redis_server.url)
+    await flush.flushall()
+    await flush.aclose()
+    up = start_tether(tmp_path, "--redis", redis_server.url, "--upstream-command", LIGHT)
+    try:
+        async with Client(up.mcp_url, mode="legacy") as client:
+            values = [(await client.call_tool("increment", {})).content[0].text for _ in range(3)]  # type: ignore[union-attr]
+            assert values == ["1", "2", "3"]
+            assert any(key.endswith(":owner") for key in await session_keys(redis_server.url))
+    finally:
+        assert up.stop() == 0
+    assert await session_keys(redis_server.url) == []  # Ctrl-C ended the session and its records
