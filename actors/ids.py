@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 import secrets
 
@@ -23,3 +26,17 @@ def is_valid_session_id(value: str) -> bool:
 
 def is_visible_ascii(value: str) -> bool:
     return _VISIBLE_ASCII.fullmatch(value) is not None
+
+
+NAMED_PREFIX = "n_"  # named session ids are 40 characters; minted ones 32, so the two never collide
+
+
+def session_id_for_key(key: str, secret: str) -> str:
+    """The session id of the named session `key` (key-affinity mode): stable, unguessable without
+    the secret, and of the shape every other session id has."""
+    digest = hmac.new(secret.encode(), b"tether-key:" + key.encode(), hashlib.sha256).digest()
+    return NAMED_PREFIX + base64.urlsafe_b64encode(digest).decode()[:38]
+
+
+def is_named(sid: str) -> bool:
+    return len(sid) == 40 and sid.startswith(NAMED_PREFIX)

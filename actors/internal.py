@@ -11,6 +11,7 @@ from collections.abc import Mapping
 SECRET_HEADER = "X-Tether-Secret"
 NODE_HEADER = "X-Tether-Node"
 EPOCH_HEADER = "X-Tether-Epoch"
+INCARNATION_HEADER = "X-Tether-Incarnation"
 CREATE_HEADER = "X-Tether-Create"
 DECLINED_HEADER = "X-Tether-Declined"
 

@@ -24,6 +24,9 @@ class NodeMetrics:
         ended = Counter("tether_node_sessions_ended_total", "Sessions ended, by reason",
                         ["node", "reason"], registry=r)
         self.sessions_ended = {reason: ended.labels(node_id, reason) for reason in END_REASONS}
+        self.sessions_attached = Counter(
+            "tether_node_sessions_attached_total", "Initializes answered from a live named session",
+            ["node"], registry=r).labels(node_id)
         self.sessions_declined = Counter(
             "tether_node_sessions_declined_total", "New sessions declined because the node was full",
             ["node"], registry=r).labels(node_id)

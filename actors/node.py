@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from actors.ids import is_named
 from actors.lease import NodeLease, reap_idle
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
@@ -67,6 +68,7 @@ class Node:
         self._emptied = asyncio.Event()  # set whenever the last session ends
         self.drained = asyncio.Event()
         self._starting = 0  # creates in flight, counted against max_sessions
+        self._creating: dict[str, asyncio.Future[None]] = {}  # named sessions being created now
         self._idle_creates = asyncio.Event()
         self._idle_creates.set()
 
@@ -103,6 +105,10 @@ class Node:
         upstream's answer. Raises `Declined` when full, `UpstreamError` or
         `UpstreamTimeout` when the upstream cannot start.
         """
+        if is_named(sid):
+            attached = await self._attach(sid, initialize)
+            if attached is not None:
+                return attached
         if not self.lease.held(self.clock()):  # decline, so the gateway tries the next node
             self.metrics.sessions_declined.inc()
             raise Declined(f"Node {self.node_id} cannot prove it holds its lease")
@@ -110,12 +116,28 @@ class Node:
             self.metrics.sessions_declined.inc()
             raise Declined(f"Node {self.node_id} is full ({len(self.actors)} sessions) or draining")
         self._starting += 1  # hold the slot across the awaits below, so parallel creates cannot overfill
+        creating = self._creating.setdefault(sid, asyncio.get_running_loop().create_future())
         try:
             return await self._create(sid, initialize)
         finally:
             self._starting -= 1
             if not self._starting:
                 self._idle_creates.set()
+            self._creating.pop(sid, None)
+            if not creating.done():
+                creating.set_result(None)
+
+    async def _attach(self, sid: str, initialize: Message) -> tuple[SessionActor, Message] | None:
+        """A named session already live (or starting) here: answer its initialize as the first was."""
+        if (creating := self._creating.get(sid)) is not None:
+            await asyncio.shield(creating)  # one activation; everyone else waits for it
+        actor = self.actors.get(sid)
+        if actor is None or actor.ended is not None or actor.initialize_answer is None:
+            return None
+        self.check_lease()
+        actor.lease.touch(self.clock())
+        self.metrics.sessions_attached.inc()
+        return actor, {**actor.initialize_answer, "id": initialize.get("id")}
 
     async def _create(self, sid: str, initialize: Message) -> tuple[SessionActor | None, Message]:
         self._idle_creates.clear()
@@ -151,6 +173,7 @@ class Node:
         if "error" in answer:  # the server answered, and refused
             await self.end(sid, "start_failed")
             return None, answer
+        actor.initialize_answer = answer
         self.metrics.upstream_start_seconds.observe(self.clock() - started)
         self.metrics.sessions_started.inc()
         return actor, answer

@@ -22,6 +22,7 @@ from actors.internal import (
     CREATE_HEADER,
     DECLINED_HEADER,
     EPOCH_HEADER,
+    INCARNATION_HEADER,
     NODE_HEADER,
     RESPONSE_HEADER,
     SESSIONS_PATH,
@@ -33,7 +34,7 @@ from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event
 from actors.store.base import Store
 from tether.config import Config
-from tether.errors import BadRequest
+from tether.errors import BadRequest, OwnershipConflict
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
@@ -90,9 +91,12 @@ async def _create(request: web.Request, node: Node, sid: str, message: Message,
         response = error_answer(exc)
         response.headers[DECLINED_HEADER] = "1"
         return response
+    except OwnershipConflict as exc:  # a named session another node owns: the gateway goes there
+        return error_answer(exc)
     headers = {NODE_HEADER: node.node_id}
     if actor is not None:
         headers[EPOCH_HEADER] = str(actor.record.epoch)
+        headers[INCARNATION_HEADER] = actor.record.incarnation
     if wants_sse:
         return web.Response(body=event(answer), headers={**SSE_HEADERS, **headers})
     return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)

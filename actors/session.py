@@ -99,6 +99,8 @@ class SessionActor:
         self.get_stream: Outbox | None = None
         self.event_log: deque[Message] = deque()
         self.ended: str | None = None  # the reason, once ending has begun
+        self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
+        self._initialized_sent = False
         self._closing = False
         self._done = asyncio.Event()
         self._on_exit = on_exit
@@ -128,7 +130,7 @@ class SessionActor:
         owed one (notifications and responses only). Raises `Overloaded` when
         the mailbox is full, `BadRequest` for a request id already in flight.
         """
-        messages = list(messages)
+        messages = [m for m in messages if not self._repeated_initialized(m)]
         requests = [m for m in messages if kind_of(m) is Kind.REQUEST]
         ids = [m["id"] for m in requests]
         if len(set(ids)) != len(ids) or any(i in self.pending for i in ids):
@@ -148,6 +150,13 @@ class SessionActor:
                     outbox.tokens.append(token)
             self.mailbox.put_nowait(message)
         return outbox
+
+    def _repeated_initialized(self, message: Message) -> bool:
+        """The upstream hears notifications/initialized once, however many clients share a named session."""
+        if message.get("method") != "notifications/initialized" or "id" in message:
+            return False
+        seen, self._initialized_sent = self._initialized_sent, True
+        return seen
 
     def abandon(self, outbox: Outbox, reason: str) -> list[Message]:
         """Stop waiting on `outbox` (timeout or client gone); returns the errors owed for its requests."""

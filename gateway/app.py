@@ -16,12 +16,13 @@ import aiohttp
 from aiohttp import web
 
 from actors.http import Handler, bind_socket, error_answer, health_routes, internal_only
-from actors.ids import is_valid_session_id, mint_session_id
+from actors.ids import is_valid_session_id, mint_session_id, session_id_for_key
 from actors.internal import (
     BATCH_HEADER,
     CREATE_HEADER,
     DECLINED_HEADER,
     EPOCH_HEADER,
+    INCARNATION_HEADER,
     RESPONSE_HEADER,
 )
 from actors.mcp import MODERN_VERSIONS
@@ -64,6 +65,14 @@ class Gateway:
         self.metrics = GatewayMetrics(self.placement)
         self._tasks = TaskSet("gateway")
         self.url = ""
+        self.affinity = rules.AffinitySource.parse(config.affinity_key) if config.affinity_key else None
+
+    def named_session(self, request: web.Request, post: rules.Post | None) -> str | None:
+        """In key-affinity mode, the session id the request names (by header, cookie, query or body)."""
+        if self.affinity is None:
+            return None
+        name = self.affinity.value(request.headers, request.cookies, request.query, post)
+        return session_id_for_key(name, self.config.internal_secret) if name else None
 
     def ready(self) -> bool:
         placement = self.placement
@@ -88,11 +97,12 @@ class Gateway:
 
     # -- routing ---------------------------------------------------------------
 
-    async def create_session(self, request: web.Request, body: bytes, mode: str,
-                             version: str) -> web.StreamResponse:
-        """Mint a session id and place the session on the first node of its ring order that accepts it."""
+    async def create_session(self, request: web.Request, body: bytes, mode: str, version: str,
+                             sid: str | None = None) -> web.StreamResponse:
+        """Place a new session (a minted id, or a named one) on the first node of its ring order that
+        accepts it. A named session already live elsewhere is joined where it lives."""
         self.placement.check_fresh()
-        sid = mint_session_id()
+        sid = sid or mint_session_id()
         headers = {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version}
         candidates = self.placement.candidates(sid)
         if not candidates:  # a ring that has not seen its first members yet: look once more
@@ -109,9 +119,16 @@ class Gateway:
                 resp.release()
                 self.metrics.declines.inc()
                 continue
+            if resp.status == 409:  # a named session another node owns: initialize it there
+                resp.release()
+                _, owner = await self.placement.locate(sid)
+                resp = await self.link.call(owner, "POST", sid, body=body, headers=headers,
+                                            read_timeout=self.config.upstream_start_timeout + LINK_SLACK)
+                node = owner
             extra = {}
             if epoch := resp.headers.get(EPOCH_HEADER):
-                self.placement.remember(OwnershipRecord(sid, node.node_id, int(epoch)))
+                incarnation = resp.headers.get(INCARNATION_HEADER, "")
+                self.placement.remember(OwnershipRecord(sid, node.node_id, int(epoch), incarnation))
                 self.metrics.sessions_created.inc()
                 extra[SESSION_HEADER] = sid
             return await self.relay(request, resp, extra)
@@ -196,6 +213,10 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
         body = await _read_body(request, config.max_body_bytes)
         post = rules.parse_post(body, version)
         sid = rules.session_id(request.headers.get(SESSION_HEADER))
+        if sid is None and (named := gw.named_session(request, post)) is not None:
+            if post.initialize:
+                return await gw.create_session(request, body, mode, version, sid=named)
+            sid = named
         if sid is None:
             if post.initialize:
                 return await gw.create_session(request, body, mode, version)
@@ -216,6 +237,7 @@ def _session_request(request: web.Request, purpose: str) -> str:
     rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
     rules.protocol_version(request.headers.get(VERSION_HEADER))
     sid = rules.session_id(request.headers.get(SESSION_HEADER))
+    sid = sid or request.app[GATEWAY_KEY].named_session(request, None)
     if sid is None:
         raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required to {purpose}")
     return sid

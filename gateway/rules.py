@@ -8,7 +8,7 @@ Streamable HTTP transport prescribes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -154,3 +154,49 @@ def stateless_fallback(version: str) -> UnsupportedProtocolVersion:
         f"Unsupported protocol version {version}: this server speaks the session-era revisions; "
         "open a session with initialize",
         data={"supported": list(HANDSHAKE_VERSIONS), "requested": version})
+
+
+@dataclass(frozen=True)
+class AffinitySource:
+    """Where key-affinity mode reads a session's name: a header, cookie, query parameter or JSON pointer."""
+
+    kind: str  # header | cookie | query | json
+    name: str
+
+    @classmethod
+    def parse(cls, spec: str) -> AffinitySource:
+        """'header:X-Workspace', 'cookie:ws', 'query:ws' or 'json:/params/arguments/ws'. Raises ValueError."""
+        kind, _, name = spec.partition(":")
+        if kind not in ("header", "cookie", "query", "json") or not name:
+            raise ValueError(f"expected header:NAME, cookie:NAME, query:NAME or json:/POINTER, got {spec!r}")
+        if kind == "json" and not name.startswith("/"):
+            raise ValueError(f"a JSON pointer starts with '/', got {name!r}")
+        return cls(kind, name)
+
+    def value(self, headers: Mapping[str, str], cookies: Mapping[str, str], query: Mapping[str, str],
+              post: Post | None) -> str | None:
+        """The session name this request carries, if any (non-empty, visible ASCII, at most 256)."""
+        raw: object
+        if self.kind == "header":
+            raw = headers.get(self.name)
+        elif self.kind == "cookie":
+            raw = cookies.get(self.name)
+        elif self.kind == "query":
+            raw = query.get(self.name)
+        else:
+            raw = _pointer(post.messages[0], self.name) if post and post.messages else None
+        if isinstance(raw, str) and raw and is_visible_ascii(raw):
+            return raw
+        return None
+
+
+def _pointer(document: object, pointer: str) -> object:
+    for part in pointer.lstrip("/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, dict):
+            document = document.get(part)
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return None
+    return document

@@ -78,6 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
        EDGE),
     _s("response_mode", str, "answer POSTs as 'sse' or 'json' when the client accepts both", EDGE,
        choices=("sse", "json")),
+    _s("affinity_key", str, "key-affinity mode: name sessions by header:NAME, cookie:NAME, query:NAME or "
+       "json:/POINTER; requests with the same name share one session; empty: off", EDGE),
     _s("route_cache_size", int, "session routes a gateway caches", EDGE, minimum=1),
     _s("membership_refresh", float, "seconds between a gateway's reads of ring membership", EDGE,
        minimum=0.01),
@@ -123,6 +125,7 @@ class Config:
         default=("http://localhost", "http://127.0.0.1", "http://[::1]",
                  "https://localhost", "https://127.0.0.1", "https://[::1]"))
     response_mode: str = "sse"
+    affinity_key: str = ""
     route_cache_size: int = 100_000
     membership_refresh: float = 0.5
     heartbeat_ttl: float = 10.0
@@ -135,6 +138,13 @@ class Config:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        if self.affinity_key:
+            from gateway.rules import AffinitySource  # the one parser of the spec
+
+            try:
+                AffinitySource.parse(self.affinity_key)
+            except ValueError as exc:
+                raise ConfigError(f"Cannot use affinity_key: {exc}") from exc
         try:
             shlex.split(self.upstream_command)
         except ValueError as exc:

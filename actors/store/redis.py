@@ -10,7 +10,8 @@ Key layout. Hash tags keep the keys one script touches in one Redis Cluster slot
                                   lost its data (a restart without persistence): gateways then wait a
                                   TTL for nodes to re-register and re-assert before calling sessions gone
     tether:{KEY}:owner    HASH    node, incarnation, epoch (no TTL: removed by release or the janitor)
-    tether:{KEY}:epoch    STRING  only ever INCR'd, never given a TTL; removed with the owner on release
+    tether:{KEY}:epoch    STRING  only ever INCR'd, never given a TTL; removed with the owner on release,
+                                  except for named sessions (key-affinity), whose epochs outlive them
     tether:{NODE}:owned   SET     keys granted to a node: the janitor's index
     channel tether:membership     the new generation, published on every change
 
@@ -33,6 +34,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from actors.ids import is_named
 from actors.store.base import Membership, NodeRecord, OwnershipRecord
 from tether.errors import LeaseLost, OwnershipConflict, StoreError
 from tether.tasks import TaskSet
@@ -141,12 +143,14 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', ep
 return epoch
 """
 
-# KEYS[1] owner, KEYS[2] epoch; ARGV[1] node, ARGV[2] incarnation, ARGV[3] epoch ('' = any epoch)
+# KEYS[1] owner, KEYS[2] epoch; ARGV[1] node, ARGV[2] incarnation, ARGV[3] epoch ('' = any epoch),
+# ARGV[4] '1' to keep the epoch key (a named session may be activated again: its epochs keep growing)
 # Deletes the record if this owner still holds it (at this epoch). Returns 1 if it did.
 RELEASE = """
 local cur = redis.call('HMGET', KEYS[1], 'node', 'incarnation', 'epoch')
 if cur[1] == ARGV[1] and cur[2] == ARGV[2] and (ARGV[3] == '' or cur[3] == ARGV[3]) then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1])
+  if ARGV[4] ~= '1' then redis.call('DEL', KEYS[2]) end
   return 1
 end
 return 0
@@ -167,6 +171,10 @@ return 1
 """
 
 T = TypeVar("T")
+
+
+def _keep(key: str) -> str:
+    return "1" if is_named(key) else "0"
 
 
 def owner_key(key: str) -> str:
@@ -244,7 +252,7 @@ class RedisStore:
         keys = await self._call(f"list what {gone.node_id} owned", self._redis.smembers(index))
         for key in map(str, keys):
             await self._call("release an orphaned record", self._release(
-                keys=[owner_key(key), epoch_key(key)], args=[gone.node_id, gone.incarnation, ""]))
+                keys=[owner_key(key), epoch_key(key)], args=[gone.node_id, gone.incarnation, "", _keep(key)]))
             if await self.lookup(key) is None:
                 await self._call("unindex a record", self._redis.srem(index, key))
         log.info("store.swept", extra={"node": gone.node_id, "count": len(keys)})
@@ -280,7 +288,7 @@ class RedisStore:
     async def release(self, record: OwnershipRecord) -> bool:
         released = await self._call(f"release {record.key[:8]}...", self._release(
             keys=[owner_key(record.key), epoch_key(record.key)],
-            args=[record.node_id, record.incarnation, str(record.epoch)]))
+            args=[record.node_id, record.incarnation, str(record.epoch), _keep(record.key)]))
         await self._call("unindex a release", self._redis.srem(owned_key(record.node_id), record.key))
         return bool(released)
 

@@ -305,3 +305,33 @@ async def test_tether_up_runs_the_distributed_form_on_one_host(tmp_path: Path, r
     finally:
         assert up.stop() == 0
     assert await session_keys(redis_server.url) == []  # Ctrl-C ended the session and its records
+
+
+async def test_200_concurrent_first_requests_for_one_name_activate_one_actor(
+        make_topology: MakeTopology, http: aiohttp.ClientSession) -> None:
+    topo = await make_topology(affinity_key="header:X-Workspace")
+    raws = [RawClient(http, topo.mcp_url(i)) for i in (0, 1)]
+    named = {"X-Workspace": "workspace-42"}
+    answers = await asyncio.gather(*(raws[i % 2].post(initialize_message(i), accept="application/json",
+                                                      headers=named) for i in range(200)))
+    assert [status for status, _, _ in answers] == [200] * 200
+    sids = {headers["Mcp-Session-Id"] for _, headers, _ in answers}
+    assert len(sids) == 1  # one session, whichever gateway each request went through
+    assert [orjson.loads(body)["id"] for _, _, body in answers] == list(range(200))  # each its own answer
+    started = [ev for proc in topo.nodes.values() for ev in proc.log_events() if ev["event"] == "session.started"]
+    assert len(started) == 1  # exactly one actor, one upstream process
+    # The name alone reaches the session, through either gateway: the counter is shared and in order.
+    values = []
+    for i in range(10):
+        status, _, body = await raws[i % 2].post(call_tool(i, "increment"), accept="application/json",
+                                                 headers=named)
+        assert status == 200
+        values.append(int(orjson.loads(body)["result"]["content"][0]["text"]))
+    assert values == list(range(1, 11))
+    sid = sids.pop()
+    async with http.delete(raws[1].url, headers=named) as resp:  # ended by name
+        assert resp.status == 200
+    assert (await raws[0].post(LIST, sid=sid))[0] == 404
+    status, headers, _ = await raws[0].post(initialize_message(), accept="application/json", headers=named)
+    assert (status, headers["Mcp-Session-Id"]) == (200, sid)  # activated again: a new epoch, fresh state
+    assert await counter(raws[0], sid) == 1

@@ -98,3 +98,9 @@ def test_port_in_use_stops_start_up_with_a_clear_message() -> None:
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"Cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+def test_affinity_key_is_checked_at_start() -> None:
+    assert load("gateway", flags={"affinity_key": "header:X-Workspace"}).affinity_key == "header:X-Workspace"
+    with pytest.raises(ConfigError, match="Cannot use affinity_key: expected header:NAME"):
+        load("gateway", flags={"affinity_key": "workspace"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 
-from actors.ids import is_valid_session_id, is_visible_ascii, mint_session_id
+from actors.ids import is_named, is_valid_session_id, is_visible_ascii, mint_session_id, session_id_for_key
 from actors.lease import IdleLease, NodeLease, reap_idle
 from actors.mcp import GET_STREAM, Destination, progress_token, route_upstream
 
@@ -77,3 +77,12 @@ def test_node_lease_counts_from_before_the_renewal_was_sent() -> None:
     lease.lose()
     assert not lease.held(101.0)
     assert NodeLease(ttl=3.0).margin == 0.3
+
+
+def test_named_session_ids_are_stable_secret_keyed_and_distinct_from_minted() -> None:
+    first = session_id_for_key("workspace-1", "secret")
+    assert first == session_id_for_key("workspace-1", "secret")
+    assert first != session_id_for_key("workspace-2", "secret")
+    assert first != session_id_for_key("workspace-1", "another secret")
+    assert is_named(first) and is_valid_session_id(first) and len(first) == 40
+    assert not is_named(mint_session_id())

@@ -85,3 +85,22 @@ def test_stateless_fallback_names_the_handshake_revisions() -> None:
     assert error.rpc_code == -32022
     assert error.data == {"supported": ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"],
                           "requested": "2026-07-28"}
+
+
+def test_affinity_sources() -> None:
+    post = rules.parse_post(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"ws":"w-7"}}}',
+                            "2025-11-25")
+    headers, cookies, query = {"X-Workspace": "w-1"}, {"ws": "w-2"}, {"ws": "w-3"}
+    assert rules.AffinitySource.parse("header:X-Workspace").value(headers, cookies, query, post) == "w-1"
+    assert rules.AffinitySource.parse("cookie:ws").value(headers, cookies, query, post) == "w-2"
+    assert rules.AffinitySource.parse("query:ws").value(headers, cookies, query, post) == "w-3"
+    assert rules.AffinitySource.parse("json:/params/arguments/ws").value({}, {}, {}, post) == "w-7"
+    assert rules.AffinitySource.parse("json:/params/missing").value({}, {}, {}, post) is None
+    assert rules.AffinitySource.parse("header:X-Workspace").value({"X-Workspace": "has space"}, {}, {},
+                                                                  None) is None
+
+
+@pytest.mark.parametrize("spec", ["header", "header:", "body:/x", "json:params"])
+def test_bad_affinity_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        rules.AffinitySource.parse(spec)
