@@ -122,23 +122,31 @@ async def test_scale_out_takes_new_sessions_and_moves_none(make_topology: MakeTo
 async def test_sigterm_drains_a_node(make_topology: MakeTopology, http: aiohttp.ClientSession) -> None:
     topo = await make_topology()
     raw = RawClient(http, topo.mcp_url(0))
-    sid = await session_on(raw, "node-1")
-    assert await counter(raw, sid) == 1
-    draining = topo.nodes["node-1"]
-    draining.signal(signal.SIGTERM)
+    async with AsyncExitStack() as stack:
+        client = None
+        for _ in range(30):  # an official-client session that the ring placed on node-1
+            candidate = await stack.enter_async_context(Client(topo.mcp_url(0), mode="legacy"))
+            if orjson.loads((await candidate.call_tool("whoami", {})).content[0].text)["node"] == "node-1":  # type: ignore[union-attr]
+                client = candidate
+                break
+        assert client is not None
+        assert (await client.call_tool("increment", {})).content[0].text == "1"  # type: ignore[union-attr]
+        draining = topo.nodes["node-1"]
+        draining.signal(signal.SIGTERM)
 
-    async def not_ready() -> bool:
-        async with http.get(draining.url + "/readyz") as resp:
-            return resp.status == 503
+        async def not_ready() -> bool:
+            async with http.get(draining.url + "/readyz") as resp:
+                return resp.status == 503
 
-    await wait_until(not_ready, timeout=5, what="the draining node to report not ready")
-    await topo.wait_ring(http, {"node-2", "node-3"})
-    placed = [(await raw.whoami(await raw.initialize()))["node"] for _ in range(15)]
-    assert "node-1" not in placed  # off the ring for new sessions...
-    assert await counter(RawClient(http, topo.mcp_url(1)), sid) == 2  # ...still serving its own
-    async with http.delete(raw.url, headers={"Mcp-Session-Id": sid}) as resp:
-        assert resp.status == 200
-    assert await asyncio.to_thread(draining.wait, 15) == 0  # its last session ended: it exits 0
+        await wait_until(not_ready, timeout=5, what="the draining node to report not ready")
+        await topo.wait_ring(http, {"node-2", "node-3"})
+        placed = [(await raw.whoami(await raw.initialize()))["node"] for _ in range(15)]
+        assert "node-1" not in placed  # off the ring for new sessions...
+        # ...while its own session carries on, state intact
+        assert [(await client.call_tool("increment", {})).content[0].text for _ in range(3)] == [  # type: ignore[union-attr]
+            "2", "3", "4"]
+    # every client closed (DELETE): the draining node's last session ended, so it exits 0
+    assert await asyncio.to_thread(draining.wait, 15) == 0
     topo.remove("node-1")
 
 
@@ -256,6 +264,24 @@ async def test_redis_restart_within_the_lease_loses_no_session(make_topology: Ma
     await topo.wait_ring(http, set(topo.nodes))
     fresh = RawClient(http, topo.mcp_url(2))
     assert [await counter(fresh, sid) for sid in sids] == [3] * 6
+
+
+async def test_redis_unreachable_within_the_lease_loses_no_session(make_topology: MakeTopology,
+                                                                  http: aiohttp.ClientSession,
+                                                                  own_redis: RedisServer) -> None:
+    topo = await make_topology(redis=own_redis)
+    a, b = RawClient(http, topo.mcp_url(0)), RawClient(http, topo.mcp_url(1))
+    sids = [await a.initialize() for _ in range(3)]
+    assert [await counter(a, sid) for sid in sids] == [1] * 3
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)  # unreachable: connections hang, nothing answers
+    try:
+        outage = TTL / 2  # the scenario: away for half the lease
+        await asyncio.sleep(outage)
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    assert [await counter(b, sid) for sid in sids] == [2] * 3  # every session lives, state intact
+    assert not any(ev["event"] == "lease.lost" for node in topo.nodes.values() for ev in node.log_events())
 
 
 async def test_redis_down_past_the_lease_fences_nodes_then_recovers(make_topology: MakeTopology,
