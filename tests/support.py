@@ -34,6 +34,21 @@ def call_tool(request_id: int, name: str, arguments: dict[str, Any] | None = Non
             "params": {"name": name, "arguments": arguments or {}}}
 
 
+def read_until(process: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes | None:
+    """Read a child's stdout until a whole line holding `marker` arrived; None if it ended or timed out."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    out = b""
+    while marker not in out or not out.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
+            return None
+        out += chunk
+    return out
+
+
 @dataclass
 class TetherUp:
     """A real `tether up` child process, its URL and its nodes, read from the banner it prints."""
@@ -60,18 +75,11 @@ class TetherUp:
         return self
 
     def _read_banner(self, timeout: float) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        out = b""
-        fd = self.process.stdout.fileno()
-        while b"Press Ctrl-C" not in out:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([fd], [], [], max(0.0, remaining))
-            chunk = os.read(fd, 65536) if ready else b""
-            if not chunk:
-                self.stop()
-                raise RuntimeError(f"tether up printed no banner: {out!r}\n{self.log_path.read_text()[-3000:]}")
-            out += chunk
+        assert self.process is not None
+        out = read_until(self.process, b"Press Ctrl-C", timeout)
+        if out is None:
+            self.stop()
+            raise RuntimeError(f"tether up printed no banner\n{self.log_path.read_text()[-3000:]}")
         return out.decode()
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -232,17 +240,8 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def _ready(self, timeout: float) -> bool:
-        assert self.process is not None and self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        out = b""
-        fd = self.process.stdout.fileno()
-        while b"Ready to accept connections" not in out:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(fd, 65536) if ready else b""
-            if not chunk:
-                return False
-            out += chunk
-        return True
+        assert self.process is not None
+        return read_until(self.process, b"Ready to accept connections", timeout) is not None
 
     def stop(self) -> None:
         if self.process is None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.support import RedisServer, wait_until
+from tests.support import RedisServer, read_until, wait_until
 
 LIGHT = f"{sys.executable} -m tether_demo.light"
 SECRET = "topology-test-secret"
@@ -61,17 +59,11 @@ def _spawn(name: str, args: list[str], log_path: Path, marker: bytes, settings: 
     with log_path.open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "tether", *args], stdout=subprocess.PIPE,
                                    stderr=log, stdin=subprocess.DEVNULL, env=env)
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    out = b""
-    while marker not in out or not out.endswith(b"\n"):
-        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(process.stdout.fileno(), 4096) if ready else b""
-        if not chunk:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"{name} did not start: {out!r}\n{log_path.read_text()[-2000:]}")
-        out += chunk
+    out = read_until(process, marker, timeout)
+    if out is None:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"{name} did not start\n{log_path.read_text()[-2000:]}")
     url = re.search(rb"(http://\S+)", out.split(marker, 1)[1])
     assert url is not None
     return Proc(name, process, url.group(1).decode().removesuffix("/mcp"), log_path)
