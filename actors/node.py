@@ -59,12 +59,13 @@ class Node:
                                   config.kill_grace)
         self._tasks = TaskSet(f"node-{node_id}")  # session ends
         self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
-        self._ending: dict[str, asyncio.Task[None]] = {}
+        self._ending: dict[SessionActor, asyncio.Task[None]] = {}  # by actor: a name may live again
         self.incarnation = secrets.token_hex(8)  # replaced whenever the node fences itself
         self.lease = NodeLease(config.heartbeat_ttl)
         self._watchdog: asyncio.TimerHandle | None = None
         self._fencing = False
         self._joined = False  # this incarnation's registration was accepted at least once
+        self._to_reassert: set[str] = set()  # sessions whose records a store reset lost
         self._emptied = asyncio.Event()  # set whenever the last session ends
         self.drained = asyncio.Event()
         self._starting = 0  # creates in flight, counted against max_sessions
@@ -106,8 +107,9 @@ class Node:
         `UpstreamTimeout` when the upstream cannot start.
         """
         if is_named(sid):
-            attached = await self._attach(sid, initialize)
-            if attached is not None:
+            while (pending := self._creating.get(sid)) is not None:
+                await asyncio.shield(pending)  # one activation at a time; the rest wait, then join it
+            if (attached := self._attach(sid, initialize)) is not None:
                 return attached
         if not self.lease.held(self.clock()):  # decline, so the gateway tries the next node
             self.metrics.sessions_declined.inc()
@@ -115,22 +117,24 @@ class Node:
         if self.draining or len(self.actors) + self._starting >= self.config.max_sessions:
             self.metrics.sessions_declined.inc()
             raise Declined(f"Node {self.node_id} is full ({len(self.actors)} sessions) or draining")
+        # From here to the first await nothing yields: the slot and the name are taken atomically.
         self._starting += 1  # hold the slot across the awaits below, so parallel creates cannot overfill
-        creating = self._creating.setdefault(sid, asyncio.get_running_loop().create_future())
+        creating = asyncio.get_running_loop().create_future()
+        self._creating[sid] = creating
         try:
             return await self._create(sid, initialize)
         finally:
             self._starting -= 1
             if not self._starting:
                 self._idle_creates.set()
-            self._creating.pop(sid, None)
-            if not creating.done():
-                creating.set_result(None)
+                if not self.actors:
+                    self._emptied.set()  # a failed create must not keep a drain waiting
+            if self._creating.get(sid) is creating:
+                del self._creating[sid]
+            creating.set_result(None)
 
-    async def _attach(self, sid: str, initialize: Message) -> tuple[SessionActor, Message] | None:
-        """A named session already live (or starting) here: answer its initialize as the first was."""
-        if (creating := self._creating.get(sid)) is not None:
-            await asyncio.shield(creating)  # one activation; everyone else waits for it
+    def _attach(self, sid: str, initialize: Message) -> tuple[SessionActor, Message] | None:
+        """A named session already live here: answer this initialize as the upstream answered the first."""
         actor = self.actors.get(sid)
         if actor is None or actor.ended is not None or actor.initialize_answer is None:
             return None
@@ -187,19 +191,20 @@ class Node:
 
     def _begin_end(self, actor: SessionActor, reason: str) -> asyncio.Task[None]:
         """Mark the session ended now (its next request is 404) and start tearing it down once."""
-        task = self._ending.get(actor.sid)
+        task = self._ending.get(actor)
         if task is None:
             actor.ended = actor.ended or reason
             task = self._tasks.spawn(self._end(actor, actor.ended), f"end-{actor.tag}")
-            self._ending[actor.sid] = task
+            self._ending[actor] = task
         return task
 
     async def _end(self, actor: SessionActor, reason: str) -> None:
         try:
             await actor.end(reason)
         finally:
-            self.actors.pop(actor.sid, None)
-            self._ending.pop(actor.sid, None)
+            if self.actors.get(actor.sid) is actor:  # a named session may already live again
+                del self.actors[actor.sid]
+            self._ending.pop(actor, None)
             if not self.actors:
                 self._emptied.set()
             self.metrics.sessions_active.dec()
@@ -228,11 +233,12 @@ class Node:
         if self.lease.deadline and not self.lease.held(self.clock()):
             await self.fence("the lease lapsed before it could be renewed")
         sent = self.clock()  # the lease counts from before the renewal was sent
-        if self._loops.closing:
-            return  # never renew once shutting down: the node is leaving
+        if self._loops.closing or self._fencing:
+            return  # never renew while leaving or fencing
+        record = self.record()
         try:
             async with asyncio.timeout(ttl / 2):  # a slow answer still counts while the lease lasts
-                known = await self.store.heartbeat(self.record(), ttl)
+                known = await self.store.heartbeat(record, ttl)
         except LeaseLost as exc:
             await self.fence(exc.message)
             return
@@ -241,22 +247,34 @@ class Node:
             log.warning("heartbeat.failed", extra={"node": self.node_id,
                                                    "detail": getattr(exc, "message", repr(exc))})
             return
+        if self._fencing or record.incarnation != self.incarnation:
+            return  # an answer that arrived after the node fenced itself proves nothing now
         self.lease.renewed(sent)
         self._arm_watchdog()
         self.metrics.lease_renewals.labels(self.node_id, "ok").inc()
-        if self._joined and not known:
-            await self.reassert_all()  # the store forgot us while our lease held: it lost its data
+        if self._joined and not known:  # the store forgot us while our lease held: it lost its data
+            log.warning("store.forgot_us", extra={"node": self.node_id, "count": len(self.actors)})
+            self._to_reassert.update(self.actors)
         self._joined = True
+        if self._to_reassert:
+            await self.reassert_pending(deadline=sent + ttl / 3)
 
-    async def reassert_all(self) -> None:
-        """Put every live session's record back in a store that lost them; end any now owned elsewhere."""
-        log.warning("store.forgot_us", extra={"node": self.node_id, "count": len(self.actors)})
-        for actor in list(self.actors.values()):
-            try:
-                held = await self.store.reassert(actor.record)
-            except StoreError as exc:
-                log.warning("store.reassert_failed", extra={"sid": actor.tag, "detail": exc.message})
+    async def reassert_pending(self, deadline: float) -> None:
+        """Put live sessions' records back in a store that lost them, until `deadline`; what is left
+        is retried after the next renewal. A session someone else owns now is ended."""
+        for sid in list(self._to_reassert):
+            actor = self.actors.get(sid)
+            if actor is None or actor.ended is not None:
+                self._to_reassert.discard(sid)
                 continue
+            if self.clock() >= deadline:
+                return
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self.clock())):
+                    held = await self.store.reassert(actor.record)
+            except (StoreError, TimeoutError):
+                return  # retried after the next renewal
+            self._to_reassert.discard(sid)
             if not held:
                 self._begin_end(actor, "owner_lost")
                 log.error("session.owned_elsewhere", extra={"sid": actor.tag, "node": self.node_id})
@@ -326,17 +344,19 @@ class Node:
         self.drained.set()
 
     async def shutdown(self) -> None:
-        """Stop taking sessions, leave the ring, let creates in flight finish, end every session."""
+        """Stop taking sessions, let creates in flight finish, stop serving and end every session,
+        then leave the ring. Serving stops before the store forgets us, never after (rule 1)."""
         self.draining = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self._loops.close()  # no heartbeat may re-add us after we leave
-        with contextlib.suppress(StoreError):
-            await self.store.leave(self.node_id, self.incarnation)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.upstream_start_timeout):
                 await self._idle_creates.wait()
+        self.lease.lose()  # from here every request is refused
         await self.end_all("drained")
+        with contextlib.suppress(StoreError):
+            await self.store.leave(self.node_id, self.incarnation)
         await self._tasks.close()
 
 

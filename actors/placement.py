@@ -48,6 +48,7 @@ class Placement:
         self.read_at = -float("inf")
         self.store_id = ""
         self.recovering_until = -float("inf")  # after a store reset: unknown owners are 503, not 404
+        self.young_until = -float("inf")  # a store younger than a lease: named sessions wait
         self.ring = Ring()
         self.members: dict[str, NodeRecord] = {}
         self.cache = RouteCache(cache_size)
@@ -72,6 +73,10 @@ class Placement:
             # The store lost its data: give nodes a lease TTL to re-register and re-assert before
             # a missing record or owner is taken to mean the session ended.
             self.recovering_until = self.clock() + self.stale_after
+        if membership.store_age < self.stale_after:
+            # Perhaps reset before this gateway started: a named session's old owner may not have
+            # re-asserted it yet, so activating it elsewhere now could make two owners.
+            self.young_until = self.clock() + self.stale_after - membership.store_age
         self.store_id = membership.store_id
         self.members = membership.by_id()
         if membership.generation == self._generation:
@@ -121,7 +126,16 @@ class Placement:
             raise SessionNotFound("Session not found: its node is gone")
         return record, node
 
+    @property
+    def recovering(self) -> bool:
+        return self.clock() < self.recovering_until
+
+    @property
+    def settling(self) -> bool:
+        """Not yet safe to activate a named session: the store was reset, or is younger than a lease."""
+        return self.recovering or self.clock() < self.young_until
+
     def _not_found_unless_recovering(self) -> None:
-        if self.clock() < self.recovering_until:
+        if self.recovering:
             raise Overloaded("Service Unavailable: the store is recovering; nodes are re-registering",
                              retry_after=1.0)

@@ -28,7 +28,7 @@ from actors.internal import (
 from actors.mcp import MODERN_VERSIONS
 from actors.placement import Placement
 from actors.sse import HEADERS as SSE_HEADERS
-from actors.store.base import OwnershipRecord, Store
+from actors.store.base import NodeRecord, OwnershipRecord, Store
 from actors.store.link import store_routes
 from gateway import rules
 from gateway.link import NodeLink
@@ -102,6 +102,9 @@ class Gateway:
         """Place a new session (a minted id, or a named one) on the first node of its ring order that
         accepts it. A named session already live elsewhere is joined where it lives."""
         self.placement.check_fresh()
+        if sid is not None and self.placement.settling:  # its old owner may not have re-asserted yet
+            raise Overloaded("Service Unavailable: the store is recovering; try this named session again",
+                             retry_after=1.0)
         sid = sid or mint_session_id()
         headers = {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version}
         candidates = self.placement.candidates(sid)
@@ -121,10 +124,7 @@ class Gateway:
                 continue
             if resp.status == 409:  # a named session another node owns: initialize it there
                 resp.release()
-                _, owner = await self.placement.locate(sid)
-                resp = await self.link.call(owner, "POST", sid, body=body, headers=headers,
-                                            read_timeout=self.config.upstream_start_timeout + LINK_SLACK)
-                node = owner
+                resp, node = await self._join_elsewhere(sid, body, headers)
             extra = {}
             if epoch := resp.headers.get(EPOCH_HEADER):
                 incarnation = resp.headers.get(INCARNATION_HEADER, "")
@@ -133,6 +133,24 @@ class Gateway:
                 extra[SESSION_HEADER] = sid
             return await self.relay(request, resp, extra)
         raise Overloaded("Service Unavailable: no actor node can take a new session now", retry_after=5.0)
+
+    async def _join_elsewhere(self, sid: str, body: bytes,
+                              headers: Mapping[str, str]) -> tuple[aiohttp.ClientResponse, NodeRecord]:
+        """Send a named session's initialize to the node that owns it now. Raises `Overloaded` when
+        ownership is in flux (just released, or still ending): the client retries."""
+        self.placement.forget(sid)  # whatever we cached led to the wrong node
+        try:
+            _, owner = await self.placement.locate(sid)
+        except SessionNotFound:
+            raise Overloaded("Service Unavailable: this named session is changing hands; try again",
+                             retry_after=1.0) from None
+        resp = await self.link.call(owner, "POST", sid, body=body, headers=headers,
+                                    read_timeout=self.config.upstream_start_timeout + LINK_SLACK)
+        if resp.status == 409:
+            resp.release()
+            raise Overloaded("Service Unavailable: this named session is changing hands; try again",
+                             retry_after=1.0)
+        return resp, owner
 
     async def forward(self, request: web.Request, method: str, sid: str, *, body: bytes | None = None,
                       headers: Mapping[str, str] | None = None) -> web.StreamResponse:

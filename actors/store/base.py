@@ -38,6 +38,7 @@ class Membership:
     generation: int
     nodes: tuple[NodeRecord, ...]
     store_id: str = ""  # changes when the store lost its data (e.g. Redis restarted empty)
+    store_age: float = float("inf")  # seconds since this data set was born
 
     def by_id(self) -> dict[str, NodeRecord]:
         return {node.node_id: node for node in self.nodes}

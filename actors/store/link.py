@@ -8,6 +8,7 @@ node processes reach them here: `StoreLink` is a `Store` that calls
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ async def _leave(store: Store, body: dict[str, Any]) -> None:
 
 async def _membership(store: Store, body: dict[str, Any]) -> dict[str, Any]:
     m = await store.membership()
-    return {"generation": m.generation, "nodes": [n.to_dict() for n in m.nodes], "store_id": m.store_id}
+    return {"generation": m.generation, "nodes": [n.to_dict() for n in m.nodes], "store_id": m.store_id,
+            "store_age": m.store_age if math.isfinite(m.store_age) else None}  # JSON has no infinity
 
 
 async def _grant(store: Store, body: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +121,8 @@ class StoreLink:
     async def membership(self) -> Membership:
         data = await self._call("membership", {})
         return Membership(int(data["generation"]), tuple(NodeRecord.from_dict(n) for n in data["nodes"]),
-                          str(data.get("store_id", "")))
+                          str(data.get("store_id", "")),
+                          float("inf") if data.get("store_age") is None else float(data["store_age"]))
 
     async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
         body = {"key": key, "node_id": node_id, "incarnation": incarnation}

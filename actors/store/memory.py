@@ -92,6 +92,7 @@ class MemoryStore:
     async def membership(self) -> Membership:
         self._expire()
         nodes = tuple(sorted((record for record, _ in self._nodes.values()), key=lambda n: n.node_id))
+        # No store_age: an in-process store is born with its gateway, so there is nothing to wait for.
         return Membership(self._generation, nodes, self.store_id)
 
     async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:

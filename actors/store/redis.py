@@ -1,12 +1,15 @@
 """The Redis store: membership and fenced ownership shared by many gateways and nodes.
 
-Key layout. Hash tags keep the keys one script touches in one Redis Cluster slot:
+Key layout. Hash tags keep the keys one script touches in one slot, so the layout suits Redis
+Cluster; the client here connects to one Redis (a primary, or a proxy in front of a cluster):
 
     {tether}:members      ZSET    node_id -> lease deadline, ms on the Redis clock
     {tether}:nodes        HASH    node_id -> NodeRecord as JSON
     {tether}:generation   STRING  membership generation; INCR'd on every change
     {tether}:lapsed       ZSET    incarnations whose lease lapsed or that left -> when (kept an hour)
-    {tether}:instance     STRING  a random id set when this data set was born; a new one means Redis
+    {tether}:gone         SET     NodeRecord JSONs of incarnations that lapsed or left whose records
+                                  the janitor has still to remove (it survives a janitor that dies)
+    {tether}:instance     STRING  "ID:BORN_MS", set when this data set was born; a new ID means Redis
                                   lost its data (a restart without persistence): gateways then wait a
                                   TTL for nodes to re-register and re-assert before calling sessions gone
     tether:{KEY}:owner    HASH    node, incarnation, epoch (no TTL: removed by release or the janitor)
@@ -46,11 +49,13 @@ NODES = "{tether}:nodes"
 GENERATION = "{tether}:generation"
 LAPSED = "{tether}:lapsed"
 INSTANCE = "{tether}:instance"
+GONE = "{tether}:gone"
+JANITOR_BUDGET = 0.5  # seconds of janitor work per membership read; the rest waits in {tether}:gone
 CHANNEL = "tether:membership"
 
 _NOW_MS = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
-# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed, KEYS[5] gone
 # ARGV[1] node_id, ARGV[2] NodeRecord JSON, ARGV[3] ttl in ms, ARGV[4] channel
 # Adds or renews a node's lease. Refuses (TETHER_ID_IN_USE) while another live incarnation holds
 # the id, and (TETHER_LEASE_LOST) a renewal by an incarnation whose lease already lapsed, swept or
@@ -72,6 +77,10 @@ if prev then
     changed = p['accepting'] ~= record['accepting'] or p['url'] ~= record['url']
   elseif p['incarnation'] == record['incarnation'] then
     return redis.error_reply('TETHER_LEASE_LOST')
+  else
+    -- a lapsed incarnation nobody swept yet: retire it, and leave its records to the janitor
+    redis.call('ZADD', KEYS[4], now, p['incarnation'])
+    redis.call('SADD', KEYS[5], prev)
   end
 end
 local known = 0
@@ -86,18 +95,18 @@ end
 return {tonumber(redis.call('GET', KEYS[3]) or '0'), known}
 """
 
-# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed, KEYS[5] instance
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed, KEYS[5] instance, KEYS[6] gone
 # ARGV[1] channel, ARGV[2] a fresh random id, used if this data set has none yet
-# Sweeps nodes whose lease lapsed (bumping the generation, remembering their incarnation as
-# lapsed), then returns {generation, live NodeRecord JSONs, swept NodeRecord JSONs, instance id}.
+# Sweeps nodes whose lease lapsed (bumping the generation, remembering their incarnation as lapsed,
+# queueing their records for the janitor), then returns {generation, live NodeRecord JSONs,
+# NodeRecord JSONs the janitor still has to clean after, instance id, age of the data set in ms}.
 MEMBERSHIP = _NOW_MS + """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-local swept = {}
 for _, id in ipairs(expired) do
   local rec = redis.call('HGET', KEYS[2], id)
   if rec then
-    table.insert(swept, rec)
     redis.call('ZADD', KEYS[4], now, cjson.decode(rec)['incarnation'])
+    redis.call('SADD', KEYS[6], rec)
   end
   redis.call('HDEL', KEYS[2], id)
 end
@@ -109,19 +118,23 @@ if #expired > 0 then
 end
 local instance = redis.call('GET', KEYS[5])
 if not instance then
-  instance = ARGV[2]
+  instance = ARGV[2] .. ':' .. now
   redis.call('SET', KEYS[5], instance)
 end
-return {tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('HVALS', KEYS[2]), swept, instance}
+local id, born = string.match(instance, '^(.*):(%d+)$')
+return {tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('HVALS', KEYS[2]), redis.call('SMEMBERS', KEYS[6]),
+        id, now - tonumber(born)}
 """
 
-# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed
+# KEYS[1] members, KEYS[2] nodes, KEYS[3] generation, KEYS[4] lapsed, KEYS[5] gone
 # ARGV[1] node_id, ARGV[2] incarnation, ARGV[3] channel
-# Removes a node at once, if it is still this incarnation (which never comes back). Returns 1 if it was.
+# Removes a node at once, if it is still this incarnation (which never comes back), and queues its
+# records for the janitor. Returns 1 if it was.
 LEAVE = _NOW_MS + """
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 if prev and cjson.decode(prev)['incarnation'] == ARGV[2] then
   if ARGV[2] ~= '' then redis.call('ZADD', KEYS[4], now, ARGV[2]) end
+  redis.call('SADD', KEYS[5], prev)
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('PUBLISH', ARGV[3], redis.call('INCR', KEYS[3]))
@@ -226,28 +239,31 @@ class RedisStore:
     async def heartbeat(self, node: NodeRecord, ttl: float) -> bool:
         args: list[str | int] = [node.node_id, orjson.dumps(node.to_dict()).decode(), int(ttl * 1000), CHANNEL]
         _, known = await self._call(f"renew the lease of {node.node_id}",
-                                    self._heartbeat(keys=[MEMBERS, NODES, GENERATION, LAPSED], args=args))
+                                    self._heartbeat(keys=[MEMBERS, NODES, GENERATION, LAPSED, GONE], args=args))
         return bool(known)
 
     async def leave(self, node_id: str, incarnation: str = "") -> None:
         record = self._members.get(node_id)
         incarnation = incarnation or (record.incarnation if record else "")
-        left = await self._call(f"remove {node_id}", self._leave(keys=[MEMBERS, NODES, GENERATION, LAPSED],
-                                                                  args=[node_id, incarnation, CHANNEL]))
-        if left:
-            await self._clean_up_after(NodeRecord(node_id, "", incarnation=incarnation))
+        await self._call(f"remove {node_id}", self._leave(keys=[MEMBERS, NODES, GENERATION, LAPSED, GONE],
+                                                           args=[node_id, incarnation, CHANNEL]))
+        await self.membership()  # its records go now, not at some later read
 
     async def membership(self) -> Membership:
-        generation, live, swept, instance = await self._call("read membership", self._membership(
-            keys=[MEMBERS, NODES, GENERATION, LAPSED, INSTANCE], args=[CHANNEL, secrets.token_hex(8)]))
+        generation, live, gone, instance, age_ms = await self._call("read membership", self._membership(
+            keys=[MEMBERS, NODES, GENERATION, LAPSED, INSTANCE, GONE], args=[CHANNEL, secrets.token_hex(8)]))
         nodes = sorted((NodeRecord.from_dict(orjson.loads(raw)) for raw in live), key=lambda n: n.node_id)
         self._members = {n.node_id: n for n in nodes}
-        for raw in swept:  # this call swept them, so this caller cleans up after them
-            await self._clean_up_after(NodeRecord.from_dict(orjson.loads(raw)))
-        return Membership(int(generation), tuple(nodes), str(instance))
+        if gone:
+            with contextlib.suppress(TimeoutError, StoreError):  # what is left waits in {tether}:gone
+                async with asyncio.timeout(JANITOR_BUDGET):
+                    for raw in gone:
+                        await self._clean_up_after(NodeRecord.from_dict(orjson.loads(raw)))
+                        await self._call("finish a sweep", self._redis.srem(GONE, raw))
+        return Membership(int(generation), tuple(nodes), str(instance), int(age_ms) / 1000)
 
     async def _clean_up_after(self, gone: NodeRecord) -> None:
-        """The janitor: drop every record the lapsed incarnation of a node still holds."""
+        """The janitor: drop every record a lapsed or departed incarnation of a node still holds."""
         index = owned_key(gone.node_id)
         keys = await self._call(f"list what {gone.node_id} owned", self._redis.smembers(index))
         for key in map(str, keys):
@@ -255,7 +271,7 @@ class RedisStore:
                 keys=[owner_key(key), epoch_key(key)], args=[gone.node_id, gone.incarnation, "", _keep(key)]))
             if await self.lookup(key) is None:
                 await self._call("unindex a record", self._redis.srem(index, key))
-        log.info("store.swept", extra={"node": gone.node_id, "count": len(keys)})
+        log.info("store.swept", extra={"node": gone.node_id, "incarnation": gone.incarnation, "count": len(keys)})
 
     async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
         current = await self.lookup(key)

@@ -22,6 +22,7 @@ from mcp.client.client import Client
 from tests.conftest import start_tether
 from tests.support import RawClient, RedisServer, call_tool, initialize_message, wait_until
 from tests.topology import LIGHT, SECRET, Topology
+from tether.logs import sid_tag
 
 TTL = 3.0
 FAST = {"heartbeat_ttl": str(TTL), "membership_refresh": "0.2", "keepalive_interval": "1", "kill_grace": "1"}
@@ -338,13 +339,22 @@ async def test_200_concurrent_first_requests_for_one_name_activate_one_actor(
     topo = await make_topology(affinity_key="header:X-Workspace")
     raws = [RawClient(http, topo.mcp_url(i)) for i in (0, 1)]
     named = {"X-Workspace": "workspace-42"}
+
+    async def named_sessions_open() -> bool:  # a fresh store settles for a lease before names activate
+        status, _, _ = await raws[0].post(initialize_message(), accept="application/json",
+                                          headers={"X-Workspace": "warm-up"})
+        return status == 200
+
+    await wait_until(named_sessions_open, timeout=TTL + 5, what="named sessions accepted")
     answers = await asyncio.gather(*(raws[i % 2].post(initialize_message(i), accept="application/json",
                                                       headers=named) for i in range(200)))
     assert [status for status, _, _ in answers] == [200] * 200
     sids = {headers["Mcp-Session-Id"] for _, headers, _ in answers}
     assert len(sids) == 1  # one session, whichever gateway each request went through
     assert [orjson.loads(body)["id"] for _, _, body in answers] == list(range(200))  # each its own answer
-    started = [ev for proc in topo.nodes.values() for ev in proc.log_events() if ev["event"] == "session.started"]
+    sid = answers[0][1]["Mcp-Session-Id"]
+    started = [ev for proc in topo.nodes.values() for ev in proc.log_events()
+               if ev["event"] == "session.started" and ev["sid"] == sid_tag(sid)]
     assert len(started) == 1  # exactly one actor, one upstream process
     # The name alone reaches the session, through either gateway: the counter is shared and in order.
     values = []
@@ -354,7 +364,6 @@ async def test_200_concurrent_first_requests_for_one_name_activate_one_actor(
         assert status == 200
         values.append(int(orjson.loads(body)["result"]["content"][0]["text"]))
     assert values == list(range(1, 11))
-    sid = sids.pop()
     async with http.delete(raws[1].url, headers=named) as resp:  # ended by name
         assert resp.status == 200
     assert (await raws[0].post(LIST, sid=sid))[0] == 404
