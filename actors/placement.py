@@ -62,9 +62,14 @@ class Placement:
         self.read_at = self.clock()
         return changed
 
+    @property
+    def fresh(self) -> bool:
+        """The store confirmed this view of membership within `stale_after`."""
+        return self.clock() - self.read_at <= self.stale_after
+
     def check_fresh(self) -> None:
         """Refuse to route on a view of membership the store has not confirmed lately (503)."""
-        if self.clock() - self.read_at > self.stale_after:
+        if not self.fresh:
             raise Overloaded("Service Unavailable: the store cannot be reached to confirm session owners",
                              retry_after=1.0)
 

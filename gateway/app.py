@@ -75,8 +75,7 @@ class Gateway:
         return session_id_for_key(name, self.config.internal_secret) if name else None
 
     def ready(self) -> bool:
-        placement = self.placement
-        return len(placement.ring) > 0 and placement.clock() - placement.read_at <= placement.stale_after
+        return len(self.placement.ring) > 0 and self.placement.fresh
 
     async def membership_loop(self) -> None:
         while not self._tasks.closing:

@@ -12,20 +12,8 @@ from prometheus_client.registry import Collector
 from actors.metrics import LATENCY_BUCKETS
 from actors.placement import Placement
 
-# JSON-RPC methods counted by name; anything else is "other", so a client cannot blow up cardinality.
-KNOWN_METHODS = frozenset({
-    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
-    "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
-    "prompts/get", "completion/complete", "logging/setLevel", "server/discover",
-    "notifications/initialized", "notifications/cancelled", "notifications/progress",
-    "notifications/roots/list_changed", "response",
-})
-
-
-def method_label(method: str | None) -> str:
-    if method is None:
-        return "none"
-    return method if method in KNOWN_METHODS else "other"
+# Label values a client cannot multiply: any other HTTP method is counted as "other" (rule 5).
+HTTP_METHODS = frozenset({"GET", "POST", "DELETE"})
 
 
 class PlacementCollector(Collector):
@@ -61,17 +49,15 @@ class GatewayMetrics:
                                 "Nodes that declined a new session (full or draining)", registry=r)
         self.streams_open = Gauge("tether_gateway_streams_open", "Client SSE streams open", ["transport"],
                                   registry=r)
-        self.link_errors = Counter("tether_gateway_link_errors_total", "Calls to a node that failed",
-                                   registry=r)
         r.register(PlacementCollector(placement))
         self._bound: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, transport: str, method: str, status: int, seconds: float) -> None:
         """Count and time one request; label children are bound once per combination, not per call."""
-        key = (transport, method, status)
+        label = method.lower() if method in HTTP_METHODS else "other"
+        key = (transport, label, status)
         bound = self._bound.get(key)
         if bound is None:
-            label = method.lower()
             bound = (self.requests.labels(transport, label, str(status)), self.latency.labels(transport, label))
             self._bound[key] = bound
         bound[0].inc()

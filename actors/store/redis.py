@@ -336,12 +336,6 @@ class RedisStore:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(1.0)  # Redis is away: try again, without spinning
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except (RedisError, OSError):
-            return False
-
     async def close(self) -> None:
         await self._tasks.close(timeout=2.0)
         await self._redis.aclose()

@@ -53,3 +53,12 @@ async def test_node_internal_api_needs_the_secret(tether: TetherUp, raw: RawClie
         assert resp.status == 401
     async with http.post(f"{tether.base_url}/_tether/store/membership", json={}) as resp:
         assert resp.status == 401
+
+
+async def test_other_http_methods_share_one_metric_label(tether: TetherUp, http: aiohttp.ClientSession) -> None:
+    for method in ("PUT", "PATCH", "OPTIONS", "PROPFIND", "MKCOL"):
+        async with http.request(method, tether.mcp_url) as resp:
+            assert resp.status == 405
+    _, text = await fetch(http, tether.base_url + "/metrics")
+    assert 'tether_gateway_requests_total{method="other",status="405",transport="streamable_http"}' in text
+    assert not any(f'method="{m}"' in text for m in ("put", "patch", "options", "propfind", "mkcol"))
