@@ -21,6 +21,8 @@ STREAMABLE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 MODERN_VERSIONS = ("2026-07-28",)
 # What a Streamable HTTP server assumes when a request carries no MCP-Protocol-Version.
 DEFAULT_HTTP_VERSION = "2025-03-26"
+# The first revision whose SSE streams start with a priming event (an id, no data) and a retry hint.
+PRIMING_SINCE = "2025-11-25"
 # The first revision that forbids JSON-RPC batches.
 NO_BATCH_SINCE = "2025-06-18"
 
@@ -99,31 +101,37 @@ GET_STREAM = Destination(None)
 
 
 def route_upstream(message: Mapping[str, Any], pending: Mapping[RequestId, object],
-                   tokens: Mapping[object, RequestId]) -> Destination:
+                   tokens: Mapping[object, RequestId], *, related: RequestId | None = None,
+                   sole: RequestId | None = None) -> Destination:
     """Decide which client stream carries `message` from the upstream.
 
-    A response goes to its request's stream; a progress notification to the
-    request that asked for that token; a cancellation of a pending request to
-    that request; everything else (server requests, unrelated notifications)
-    to the GET stream.
+    A response goes to its request's stream. A message the upstream sent on a
+    request's own stream (`related`, known for HTTP upstreams) stays with that
+    request. A progress notification goes to the request that asked for its
+    token, a cancellation to the request it cancels. A log message or a
+    server-to-client request (sampling, elicitation, roots) goes to the request
+    that is running, when exactly one is (`sole`): a stdio server cannot say
+    which request it belongs to, and that is the one it must be. Everything
+    else goes to the GET stream.
     """
     if "method" not in message:
         request_id = _hashable(message.get("id"))
         if request_id in pending:
             return Destination(request_id, final=True)
         return GET_STREAM
-    if "id" in message:
-        return GET_STREAM  # a server-to-client request
+    if related is not None and related in pending:
+        return Destination(related)
     params = message.get("params")
-    if not isinstance(params, dict):
-        return GET_STREAM
     method = message["method"]
-    if method == "notifications/progress":
-        owner = tokens.get(_hashable(params.get("progressToken")))
-        return Destination(owner) if owner is not None else GET_STREAM
-    if method == "notifications/cancelled":
-        request_id = _hashable(params.get("requestId"))
-        return Destination(request_id) if request_id in pending else GET_STREAM
+    if "id" not in message and isinstance(params, dict):
+        if method == "notifications/progress":
+            owner = tokens.get(_hashable(params.get("progressToken")))
+            return Destination(owner) if owner is not None else GET_STREAM
+        if method == "notifications/cancelled":
+            request_id = _hashable(params.get("requestId"))
+            return Destination(request_id) if request_id in pending else GET_STREAM
+    if sole is not None and sole in pending and ("id" in message or method == "notifications/message"):
+        return Destination(sole)
     return GET_STREAM
 
 

@@ -42,7 +42,10 @@ class NodeMetrics:
         self.streams_open = Gauge("tether_node_streams_open", "Client SSE streams open on this node",
                                   ["node"], registry=r).labels(node_id)
         self.events_dropped = Counter(
-            "tether_node_events_dropped_total", "Server messages dropped from a full event log",
+            "tether_node_events_dropped_total", "Server messages pushed out of a full event log before any "
+            "client read them", ["node"], registry=r).labels(node_id)
+        self.events_replayed = Counter(
+            "tether_node_events_replayed_total", "Events sent again to clients that resumed with Last-Event-ID",
             ["node"], registry=r).labels(node_id)
         self.lease_renewals = Counter("tether_node_lease_renewals_total", "Membership heartbeats sent",
                                       ["node", "result"], registry=r)

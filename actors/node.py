@@ -14,13 +14,17 @@ import secrets
 import time
 from collections.abc import Callable
 
+import aiohttp
+
+from actors.events import StreamLog
 from actors.ids import is_named
 from actors.lease import NodeLease, reap_idle
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
-from actors.session import ActorLimits, Outbox, SessionActor
+from actors.session import JSON, ActorLimits, SessionActor
 from actors.store.base import NodeRecord, Store
-from actors.upstream import StdioUpstream, scrubbed_env
+from actors.upstream import StdioUpstream, Upstream, scrubbed_env
+from actors.upstream_http import SseUpstream, StreamableHttpUpstream, transport_for
 from tether.config import Config
 from tether.errors import (
     LeaseLost,
@@ -56,7 +60,8 @@ class Node:
         self.metrics = NodeMetrics(node_id)
         self.draining = False
         self.limits = ActorLimits(config.idle_timeout, config.mailbox_depth, config.event_log_size,
-                                  config.kill_grace)
+                                  config.kill_grace, config.upstream_request_timeout)
+        self._http: aiohttp.ClientSession | None = None  # shared by every session's HTTP upstream
         self._tasks = TaskSet(f"node-{node_id}")  # session ends
         self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
         self._ending: dict[SessionActor, asyncio.Task[None]] = {}  # by actor: a name may live again
@@ -99,17 +104,18 @@ class Node:
 
     # -- lifecycle of sessions ----------------------------------------------------
 
-    async def create(self, sid: str, initialize: Message) -> tuple[SessionActor | None, Message]:
-        """Start a session: grant ownership, spawn the upstream, forward `initialize`.
+    async def create(self, sid: str, initialize: Message | None) -> tuple[SessionActor | None, Message | None]:
+        """Start a session: grant ownership, start the upstream, forward `initialize` if given.
 
         Returns the actor (None if the upstream refused to initialize) and the
-        upstream's answer. Raises `Declined` when full, `UpstreamError` or
-        `UpstreamTimeout` when the upstream cannot start.
+        upstream's answer (None without `initialize`: a WebSocket or HTTP+SSE
+        client sends it later, on its channel). Raises `Declined` when full,
+        `UpstreamError` or `UpstreamTimeout` when the upstream cannot start.
         """
         if is_named(sid):
             while (pending := self._creating.get(sid)) is not None:
                 await asyncio.shield(pending)  # one activation at a time; the rest wait, then join it
-            if (attached := self._attach(sid, initialize)) is not None:
+            if initialize is not None and (attached := self._attach(sid, initialize)) is not None:
                 return attached
         if not self.lease.held(self.clock()):  # decline, so the gateway tries the next node
             self.metrics.sessions_declined.inc()
@@ -143,14 +149,25 @@ class Node:
         self.metrics.sessions_attached.inc()
         return actor, {**actor.initialize_answer, "id": initialize.get("id")}
 
-    async def _create(self, sid: str, initialize: Message) -> tuple[SessionActor | None, Message]:
+    async def _start_upstream(self, sid: str) -> Upstream:
+        config = self.config
+        if config.upstream_url:
+            if self._http is None:
+                self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                   auto_decompress=False, skip_auto_headers=("User-Agent",))
+            kind = SseUpstream if transport_for(config.upstream_url, config.upstream_transport) == "sse" \
+                else StreamableHttpUpstream
+            return kind(self._http, config.upstream_url, max_message_bytes=config.max_message_bytes,
+                        request_timeout=config.upstream_request_timeout)
+        env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)})
+        return await StdioUpstream.start(self.argv, env=env, max_message_bytes=config.max_message_bytes)
+
+    async def _create(self, sid: str, initialize: Message | None) -> tuple[SessionActor | None, Message | None]:
         self._idle_creates.clear()
         record = await self.store.grant(sid, self.node_id, self.incarnation)
         started = self.clock()
-        env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)})
         try:
-            upstream = await StdioUpstream.start(self.argv, env=env,
-                                                 max_message_bytes=self.config.max_message_bytes)
+            upstream = await self._start_upstream(sid)
         except UpstreamError:
             await self.store.release(record)
             raise
@@ -160,20 +177,24 @@ class Node:
         self.metrics.sessions_active.inc()
         actor.start()
         log.info("session.started", extra={"node": self.node_id, "sid": actor.tag, "pid": upstream.pid,
-                                           "epoch": record.epoch, "incarnation": record.incarnation})
-        outbox = actor.submit([initialize])
-        assert outbox is not None
+                                           "epoch": record.epoch, "incarnation": record.incarnation,
+                                           "detail": upstream.describe()})
+        if initialize is None:
+            self.metrics.sessions_started.inc()
+            return actor, None
+        stream = actor.submit([initialize], JSON)
+        assert stream is not None
         try:
             async with asyncio.timeout(self.config.upstream_start_timeout):
-                answer = await _next_answer(outbox)
+                answer = await _answer(actor, stream)
         except TimeoutError:
             await self.end(sid, "start_failed")
             raise UpstreamTimeout(f"Upstream did not answer initialize within "
                                   f"{self.config.upstream_start_timeout:g}s") from None
         if answer is None or actor.ended is not None:  # the server died before it answered
             await self.end(sid, "start_failed")
-            raise UpstreamError(f"Upstream exited (code {actor.upstream.returncode}) before answering "
-                                "initialize; its stderr is in the node log")
+            raise UpstreamError(f"Upstream ({upstream.describe()}) ended before answering initialize; "
+                                "the node log says why")
         if "error" in answer:  # the server answered, and refused
             await self.end(sid, "start_failed")
             return None, answer
@@ -358,10 +379,16 @@ class Node:
         with contextlib.suppress(StoreError):
             await self.store.leave(self.node_id, self.incarnation)
         await self._tasks.close()
+        if self._http is not None:
+            await self._http.close()
 
 
-async def _next_answer(outbox: Outbox) -> Message | None:
-    while (message := await outbox.queue.get()) is not None:
-        if "method" not in message:
-            return message
-    return None
+async def _answer(actor: SessionActor, stream: StreamLog) -> Message | None:
+    """The response on a JSON stream (None if the session ended first)."""
+    try:
+        async for item in actor.read(stream, 0, keepalive=3600.0):
+            if item is not None and "method" not in item[1]:
+                return item[1]
+        return None
+    finally:
+        actor.forget(stream)

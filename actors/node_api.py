@@ -1,8 +1,10 @@
 """A node's internal HTTP API: what gateways call over the authenticated link.
 
 POST creates a session (with the create header) or delivers client messages,
-answered as JSON or as an SSE stream; GET opens the session's stream; DELETE
-ends it. `serve_node` runs a node with this API until its context ends.
+answered as JSON, as an SSE stream, or (for a channel client: WebSocket or
+HTTP+SSE) with 202 and the answers on the channel; GET opens the session's
+stream, or resumes the stream a `Last-Event-ID` names; DELETE ends it.
+`serve_node` runs a node with this API until its context ends.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from aiohttp import web
 
+from actors.events import EventId, StreamLog
 from actors.http import bind_socket, error_answer, health_routes, internal_only, tether_errors
 from actors.internal import (
     BATCH_HEADER,
@@ -26,15 +28,16 @@ from actors.internal import (
     NODE_HEADER,
     RESPONSE_HEADER,
     SESSIONS_PATH,
+    VERSION_HEADER,
 )
-from actors.mcp import Kind, Message, check_message, kind_of
+from actors.mcp import DEFAULT_HTTP_VERSION, PRIMING_SINCE, Kind, Message, check_message, kind_of
 from actors.node import Declined, Node
-from actors.session import Outbox, SessionActor
+from actors.session import CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
-from actors.sse import PING, event
+from actors.sse import PING, event, priming
 from actors.store.base import Store
 from tether.config import Config
-from tether.errors import BadRequest, OwnershipConflict
+from tether.errors import BadRequest, CursorExpired, OwnershipConflict
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
@@ -54,39 +57,42 @@ def _parse(body: bytes) -> list[Message]:
 async def post_message(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     sid = request.match_info["sid"]
-    messages = _parse(await request.read())
-    wants_sse = request.headers.get(RESPONSE_HEADER) == "sse"
+    body = await request.read()
+    mode = request.headers.get(RESPONSE_HEADER, JSON)
+    if mode not in MODES:
+        raise BadRequest(f"Bad Request: {RESPONSE_HEADER} must be one of {', '.join(MODES)}")
     if request.headers.get(CREATE_HEADER):
-        return await _create(request, node, sid, messages[0], wants_sse)
+        return await _create(request, node, sid, _parse(body) if body else [], mode)
+    messages = _parse(body)
     actor = node.live(sid)
     actor.lease.touch(node.clock())
-    outbox = actor.submit(messages, json_only=not wants_sse)
+    stream = actor.submit(messages, mode)
     for message in messages:
         node.metrics.messages[kind_of(message).value].inc()
-    if outbox is None:
+    if stream is None:
         return web.Response(status=202)
     started = node.clock()
     try:
-        if wants_sse:
-            return await _stream_answers(request, node, actor, outbox)
-        answers = await _collect_answers(node, actor, outbox)
-        body: Any = answers if request.headers.get(BATCH_HEADER) else answers[0]
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        if mode == SSE:
+            return await _stream(request, node, actor, stream, 0)
+        answers = await _collect(node, actor, stream)
+        return web.Response(body=orjson.dumps(answers if request.headers.get(BATCH_HEADER) else answers[0]),
+                            content_type="application/json")
     finally:
-        if not outbox.closed:
-            actor.abandon(outbox, "Client went away")
         node.metrics.request_seconds.observe(node.clock() - started)
         actor.lease.touch(node.clock())
 
 
-async def _create(request: web.Request, node: Node, sid: str, message: Message,
-                  wants_sse: bool) -> web.StreamResponse:
-    if kind_of(message) is not Kind.REQUEST or message.get("method") != "initialize":
+async def _create(request: web.Request, node: Node, sid: str, messages: list[Message],
+                  mode: str) -> web.StreamResponse:
+    initialize = messages[0] if messages else None
+    if mode != CHANNEL and (initialize is None or kind_of(initialize) is not Kind.REQUEST
+                            or initialize.get("method") != "initialize"):
         raise BadRequest("Invalid Request: a new session starts with an initialize request")
     try:
         # Shielded: a client that leaves mid-start must not leave a half-made actor behind; the
         # session it would have had is reaped by idle expiry.
-        actor, answer = await asyncio.shield(node.create(sid, message))
+        actor, answer = await asyncio.shield(node.create(sid, initialize if mode != CHANNEL else None))
     except Declined as exc:
         response = error_answer(exc)
         response.headers[DECLINED_HEADER] = "1"
@@ -97,75 +103,61 @@ async def _create(request: web.Request, node: Node, sid: str, message: Message,
     if actor is not None:
         headers[EPOCH_HEADER] = str(actor.record.epoch)
         headers[INCARNATION_HEADER] = actor.record.incarnation
-    if wants_sse:
+    if answer is None:
+        return web.Response(status=201, headers=headers)
+    if mode == SSE:
         return web.Response(body=event(answer), headers={**SSE_HEADERS, **headers})
     return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
 
 
-async def _collect_answers(node: Node, actor: SessionActor, outbox: Outbox) -> list[Message]:
-    answers: list[Message] = []
+async def _collect(node: Node, actor: SessionActor, stream: StreamLog) -> list[Message]:
+    """The answers of a JSON POST. The actor answers a request the upstream sits on with a timeout error."""
     try:
-        async with asyncio.timeout(node.config.upstream_request_timeout):
-            while (message := await outbox.queue.get()) is not None:
-                answers.append(message)
-    except TimeoutError:
-        answers += actor.abandon(outbox, _timeout_reason(node))
-    return answers
+        return [item[1] async for item in actor.read(stream, 0, node.config.keepalive_interval)
+                if item is not None]
+    finally:
+        actor.forget(stream)
 
 
-async def _stream_answers(request: web.Request, node: Node, actor: SessionActor,
-                          outbox: Outbox) -> web.StreamResponse:
+async def _stream(request: web.Request, node: Node, actor: SessionActor, stream: StreamLog,
+                  after: int) -> web.StreamResponse:
+    """Serve `stream` as SSE from seq `after`: replay, then live, with event ids and keep-alive pings.
+
+    A client that goes away only detaches: the stream's events go on into the
+    log for a reader that comes back with Last-Event-ID.
+    """
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
+    if request.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE:
+        await response.write(priming(EventId(stream.stream, after), round(node.config.stream_retry * 1000)))
+    node.metrics.streams_open.inc()
     try:
-        async with asyncio.timeout(node.config.upstream_request_timeout) as whole:
-            async for message in _with_pings(outbox, node.config.keepalive_interval):
-                await response.write(PING if message is None else event(message))
-    except TimeoutError:
-        if not whole.expired():
-            raise
-        for owed in actor.abandon(outbox, _timeout_reason(node)):
-            await response.write(event(owed))
+        async for item in actor.read(stream, after, node.config.keepalive_interval):
+            if item is None:
+                await response.write(PING)
+                actor.lease.touch(node.clock())  # it got through: the client is still there
+            else:
+                await response.write(event(item[1], event_id=item[0]))
+    except CursorExpired:
+        log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
     except ConnectionError:
-        pass  # the gateway (or the client behind it) went away; the caller abandons the outbox
+        pass  # the client went away; the stream waits in the log for it to come back
+    finally:
+        node.metrics.streams_open.dec()
     return response
-
-
-async def _with_pings(outbox: Outbox, interval: float) -> AsyncIterator[Message | None]:
-    """The outbox's messages until it closes, with None each `interval` of silence (a ping is due)."""
-    while True:
-        try:
-            async with asyncio.timeout(interval):
-                message = await outbox.queue.get()
-        except TimeoutError:
-            yield None
-            continue
-        if message is None:
-            return
-        yield message
-
-
-def _timeout_reason(node: Node) -> str:
-    return f"Upstream did not answer within {node.config.upstream_request_timeout:g}s"
 
 
 async def open_stream(request: web.Request) -> web.StreamResponse:
+    """GET: the session's stream, or with Last-Event-ID the stream it names, resumed after it."""
     node = request.app[NODE_KEY]
     actor = node.live(request.match_info["sid"])
-    stream = actor.open_stream()
-    node.metrics.streams_open.inc()
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    try:
-        await response.prepare(request)
-        async for message in _with_pings(stream, node.config.keepalive_interval):
-            await response.write(PING if message is None else event(message))
-            actor.lease.touch(node.clock())  # it got through: the client is still there
-    except ConnectionError:
-        pass
-    finally:
-        actor.close_stream(stream)
-        node.metrics.streams_open.dec()
-    return response
+    last = request.headers.get("Last-Event-ID")
+    cursor = EventId.parse(last, default_stream=0) if last else None
+    stream, after = actor.stream_to_read(cursor)
+    if cursor is not None:
+        node.metrics.events_replayed.inc(max(0, stream.last_seq - after))
+    actor.lease.touch(node.clock())
+    return await _stream(request, node, actor, stream, after)
 
 
 async def delete_session(request: web.Request) -> web.Response:

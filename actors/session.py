@@ -1,10 +1,14 @@
 """`SessionActor`: the single owner of one session on its node.
 
 It holds the upstream, a bounded mailbox of client messages (written to the
-upstream by one task, in order), the client streams waiting for answers, the
-GET stream, a bounded log of server messages that arrived while no GET stream
-was open, and the idle lease. Where an upstream message goes is decided by
-`actors.mcp.route_upstream`; this module only moves it.
+upstream by one task, in order), the session's event log with its client
+streams, the requests waiting for answers, and the idle lease. Where an
+upstream message goes is decided by `actors.mcp.route_upstream`; which events a
+reader gets is decided by `actors.events`; this module only moves messages.
+
+Streams outlive their readers: a client that drops a stream does not cancel
+its requests (2025-06-18 and later say so). Their answers go on into the log,
+where a reader that comes back with `Last-Event-ID` finds them.
 """
 
 from __future__ import annotations
@@ -12,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
+from actors.events import EventId, EventLog, StreamLog
 from actors.lease import IdleLease
 from actors.mcp import (
-    Destination,
     Kind,
     Message,
     RequestId,
@@ -28,14 +31,17 @@ from actors.mcp import (
     route_upstream,
 )
 from actors.store.base import OwnershipRecord
-from actors.upstream import StdioUpstream
-from tether.errors import CONNECTION_CLOSED, BadRequest, Conflict, Overloaded, UpstreamError
+from actors.upstream import Upstream
+from tether.errors import CONNECTION_CLOSED, REQUEST_TIMEOUT, BadRequest, Conflict, Overloaded, UpstreamError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
 
-_END = None  # the sentinel that closes an Outbox
+# How a client takes its answers: a JSON body, an SSE stream per POST, or one channel
+# (a WebSocket or an HTTP+SSE client) that carries every message of the session.
+JSON, SSE, CHANNEL = "json", "sse", "channel"
+MODES = (JSON, SSE, CHANNEL)
 
 
 @dataclass(frozen=True)
@@ -44,46 +50,21 @@ class ActorLimits:
     mailbox_depth: int
     event_log_size: int
     kill_grace: float
+    request_timeout: float
 
 
-class Outbox:
-    """One client-facing stream: the answers to one POST, or the session's GET stream.
+@dataclass
+class Owed:
+    """What one stream still owes its client: the answers to the requests it carries."""
 
-    Bounded: past `limit` queued messages (a client that does not read), further
-    notifications are dropped and counted; responses are always kept, and there
-    are never more of them than the requests that asked.
-    """
-
-    def __init__(self, limit: int, expected: int = 0, *, json_only: bool = False,
-                 on_dropped: Callable[[int], None] = lambda n: None) -> None:
-        self.queue: asyncio.Queue[Message | None] = asyncio.Queue()
-        self.limit = limit
-        self.expected = expected  # responses still owed; 0 for the GET stream
-        self.json_only = json_only  # a JSON answer carries responses only
-        self.request_ids: list[RequestId] = []
-        self.tokens: list[object] = []  # progress tokens of its requests
-        self.closed = False
-        self._on_dropped = on_dropped
-
-    def put(self, message: Message) -> None:
-        if self.closed:
-            return
-        if self.queue.qsize() >= self.limit and "method" in message:
-            self._on_dropped(1)
-            log.warning("stream.full", extra={"count": self.limit, "method": message["method"]})
-            return
-        self.queue.put_nowait(message)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.queue.put_nowait(_END)
+    expected: int = 0
+    tokens: tuple[object, ...] = ()
 
 
 class SessionActor:
-    """Owns one session: its upstream, mailbox, streams, event log and idle lease."""
+    """Owns one session: its upstream, mailbox, event log and streams, and idle lease."""
 
-    def __init__(self, sid: str, record: OwnershipRecord, upstream: StdioUpstream, limits: ActorLimits,
+    def __init__(self, sid: str, record: OwnershipRecord, upstream: Upstream, limits: ActorLimits,
                  *, on_exit: Callable[[SessionActor, str], None],
                  on_dropped: Callable[[int], None] = lambda n: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -94,12 +75,16 @@ class SessionActor:
         self.limits = limits
         self.lease = IdleLease(limits.idle_timeout, clock())
         self.mailbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=limits.mailbox_depth)
-        self.pending: dict[RequestId, Outbox] = {}
+        self.log = EventLog(limits.event_log_size)
+        self.pending: dict[RequestId, StreamLog] = {}
         self.tokens: dict[object, RequestId] = {}
-        self.get_stream: Outbox | None = None
-        self.event_log: deque[Message] = deque()
+        self.owed: dict[int, Owed] = {}  # by stream number
+        self.channel = False  # a WebSocket or HTTP+SSE session: every message goes on stream 0
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
+        self._json_streams: set[int] = set()
+        self._timers: dict[RequestId, asyncio.TimerHandle] = {}
+        self._changed = asyncio.Event()  # set (and replaced) whenever any stream gets an event
         self._initialized_sent = False
         self._closing = False
         self._done = asyncio.Event()
@@ -109,26 +94,27 @@ class SessionActor:
 
     def __repr__(self) -> str:
         return (f"SessionActor({self.tag}, node={self.record.node_id}, epoch={self.record.epoch}, "
-                f"pid={self.upstream.pid}, pending={len(self.pending)}, ended={self.ended})")
+                f"upstream={self.upstream.describe()}, pending={len(self.pending)}, ended={self.ended})")
 
     @property
     def busy(self) -> bool:
-        """True while a client waits on an answer: a session in use is never idle."""
+        """True while the upstream owes an answer: a session in use is never idle."""
         return bool(self.pending)
 
     def start(self) -> None:
         self._tasks.spawn(self._read_upstream(), "read")
         self._tasks.spawn(self._write_upstream(), "write")
-        self._tasks.spawn(self.upstream.stderr_lines(), "stderr")
+        self._tasks.spawn(self.upstream.background(), "upstream")
 
     # -- client side -------------------------------------------------------------
 
-    def submit(self, messages: Iterable[Message], *, json_only: bool = False) -> Outbox | None:
+    def submit(self, messages: Iterable[Message], mode: str) -> StreamLog | None:
         """Queue client messages for the upstream.
 
-        Returns the Outbox that will carry the answers, or None when nothing is
-        owed one (notifications and responses only). Raises `Overloaded` when
-        the mailbox is full, `BadRequest` for a request id already in flight.
+        Returns the stream that will carry the answers, or None when nothing is
+        owed one (notifications and responses only, or a channel session,
+        whose answers go on its channel). Raises `Overloaded` when the mailbox
+        is full, `BadRequest` for a request id already in flight.
         """
         messages = [m for m in messages if not self._repeated_initialized(m)]
         requests = [m for m in messages if kind_of(m) is Kind.REQUEST]
@@ -138,18 +124,48 @@ class SessionActor:
         if self.mailbox.maxsize - self.mailbox.qsize() < len(messages):
             raise Overloaded(f"Session busy: {self.mailbox.maxsize} messages already queued for the server",
                              retry_after=1.0)
-        outbox = self._outbox(len(requests), json_only=json_only) if requests else None
+        stream = self._stream_for(mode) if requests else None
+        for request in requests:
+            self._expect(request, stream or self.log.get_stream())
         for message in messages:
-            if outbox is not None and kind_of(message) is Kind.REQUEST:
-                request_id = message["id"]
-                self.pending[request_id] = outbox
-                outbox.request_ids.append(request_id)
-                token = progress_token(message)
-                if isinstance(token, str | int):
-                    self.tokens[token] = request_id
-                    outbox.tokens.append(token)
             self.mailbox.put_nowait(message)
-        return outbox
+        return None if mode == CHANNEL else stream
+
+    def _stream_for(self, mode: str) -> StreamLog:
+        if mode == CHANNEL:
+            self.channel = True
+            return self.log.get_stream()
+        stream = self.log.open(logged=mode == SSE)
+        if mode == JSON:
+            self._json_streams.add(stream.stream)
+        return stream
+
+    def _expect(self, request: Message, stream: StreamLog) -> None:
+        request_id = request["id"]
+        self.pending[request_id] = stream
+        owed = self.owed.setdefault(stream.stream, Owed())
+        owed.expected += 1
+        token = progress_token(request)
+        if isinstance(token, str | int):
+            self.tokens[token] = request_id
+            owed.tokens += (token,)
+        loop = asyncio.get_running_loop()
+        self._timers[request_id] = loop.call_later(self.limits.request_timeout, self._expire, request_id)
+
+    def _expire(self, request_id: RequestId) -> None:
+        """The upstream took too long: answer the client with an error and tell the upstream to stop."""
+        if request_id not in self.pending:
+            return
+        reason = f"Upstream did not answer within {self.limits.request_timeout:g}s"
+        self.deliver(error_response(request_id, REQUEST_TIMEOUT, reason))
+        self._cancel_upstream(request_id, reason)
+
+    def _cancel_upstream(self, request_id: RequestId, reason: str) -> None:
+        """Tell the upstream a request is no longer wanted (best effort: never blocks, never overfills)."""
+        note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": request_id, "reason": reason}}
+        if not self.mailbox.full() and self.ended is None:
+            self.mailbox.put_nowait(note)
 
     def _repeated_initialized(self, message: Message) -> bool:
         """The upstream hears notifications/initialized once, however many clients share a named session."""
@@ -158,42 +174,64 @@ class SessionActor:
         seen, self._initialized_sent = self._initialized_sent, True
         return seen
 
-    def abandon(self, outbox: Outbox, reason: str) -> list[Message]:
-        """Stop waiting on `outbox` (timeout or client gone); returns the errors owed for its requests."""
-        owed = []
-        for request_id in outbox.request_ids:
-            if self.pending.get(request_id) is outbox:
-                del self.pending[request_id]
-                owed.append(error_response(request_id, CONNECTION_CLOSED, reason))
-                self.mailbox_cancel(request_id, reason)
-        self._forget_tokens(outbox)
-        outbox.close()
-        return owed
+    def stream_to_read(self, cursor: EventId | None) -> tuple[StreamLog, int]:
+        """The stream a GET reads and the seq it starts after.
 
-    def mailbox_cancel(self, request_id: RequestId, reason: str) -> None:
-        """Tell the upstream a request is no longer wanted (best effort)."""
-        note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
-                "params": {"requestId": request_id, "reason": reason}}
-        if not self.mailbox.full() and self.ended is None:
-            self.mailbox.put_nowait(note)
-
-    def open_stream(self) -> Outbox:
-        """Open the session's GET stream, first replaying what the event log holds. One at a time."""
-        if self.get_stream is not None and not self.get_stream.closed:
+        With a cursor: the stream it names, from there (a resumption takes the
+        stream over from a reader that may still hang on). Without: the GET
+        stream, from what no reader has had yet; one reader at a time, except
+        on a channel, where a client that comes back replaces the old one.
+        Raises `CursorExpired`, `BadRequest` or `Conflict`.
+        """
+        if cursor is not None:
+            stream, _ = self.log.resume(cursor)
+            return stream, cursor.seq
+        stream = self.log.get_stream()
+        if stream.reader is not None and not self.channel:
             raise Conflict("Conflict: this session already has an open GET stream")
-        stream = self._outbox(0)
-        while self.event_log:
-            stream.put(self.event_log.popleft())
-        self.get_stream = stream
-        return stream
+        return stream, stream.delivered
 
-    def _outbox(self, expected: int, *, json_only: bool = False) -> Outbox:
-        return Outbox(self.limits.event_log_size, expected, json_only=json_only, on_dropped=self._on_dropped)
+    async def read(self, stream: StreamLog, after: int, keepalive: float,
+                   ) -> AsyncIterator[tuple[EventId, Message] | None]:
+        """`stream`'s events after seq `after`, live until the stream finishes, the session ends, or
+        another reader takes the stream over; None after each `keepalive` of silence (a ping is due).
+        Raises `CursorExpired` if this reader falls so far behind that the log drops what it has not read."""
+        me = object()
+        if stream.reader is not None:
+            self._changed.set()  # wake the reader we replace, so it sees it is gone
+        stream.reader = me
+        seq = after
+        try:
+            while stream.reader is me:
+                for number, message in stream.after(seq):
+                    seq = number
+                    stream.delivered = max(stream.delivered, seq)
+                    yield EventId(stream.stream, seq), message
+                if (stream.finished or self._closing) and seq >= stream.last_seq:
+                    return
+                changed = self._changed
+                try:
+                    async with asyncio.timeout(keepalive):
+                        await changed.wait()
+                except TimeoutError:
+                    yield None
+        finally:
+            if stream.reader is me:
+                stream.reader = None
 
-    def close_stream(self, stream: Outbox) -> None:
-        stream.close()
-        if self.get_stream is stream:
-            self.get_stream = None
+    def forget(self, stream: StreamLog) -> None:
+        """A JSON answer has been read, or its client has gone: nothing will resume it. Requests it
+        still waits on are cancelled upstream, since their answers could reach no one."""
+        for request_id in [r for r, s in self.pending.items() if s is stream]:
+            del self.pending[request_id]
+            if (timer := self._timers.pop(request_id, None)) is not None:
+                timer.cancel()
+            self._cancel_upstream(request_id, "Client went away")
+        if (owed := self.owed.pop(stream.stream, None)) is not None:
+            for token in owed.tokens:
+                self.tokens.pop(token, None)
+        self._json_streams.discard(stream.stream)
+        self.log.discard(stream)
 
     # -- upstream side -----------------------------------------------------------
 
@@ -202,55 +240,69 @@ class SessionActor:
             message = await self.mailbox.get()
             try:
                 await self.upstream.send(message)
-            except UpstreamError:
+            except UpstreamError as exc:
+                log.warning("upstream.send_failed", extra={"sid": self.tag, "detail": exc.message})
                 self._exit("upstream_exit")
                 return
 
     async def _read_upstream(self) -> None:
         while True:
             try:
-                message = await self.upstream.receive()
+                inbound = await self.upstream.receive()
             except UpstreamError as exc:
                 log.warning("upstream.bad_output", extra={"sid": self.tag, "detail": exc.message})
-                message = None
-            if message is None:
+                inbound = None
+            if inbound is None:
                 self._exit("upstream_exit")
                 return
+            message, related = inbound
             for item in message if isinstance(message, list) else [message]:
                 if isinstance(item, dict):
-                    self.deliver(item)
+                    self.deliver(item, related)
 
-    def deliver(self, message: Message) -> None:
-        """Put one upstream message on exactly one client stream (or the event log)."""
-        destination = route_upstream(message, self.pending, self.tokens)
-        outbox = self.pending.get(destination.request_id) if destination.request_id is not None else None
-        if outbox is None or (outbox.json_only and not destination.final):
-            self._to_get_stream(message)
-            return
-        outbox.put(message)
+    def deliver(self, message: Message, related: RequestId | None = None) -> None:
+        """Put one upstream message on exactly one client stream."""
+        destination = route_upstream(message, self.pending, self.tokens, related=related, sole=self._sole())
+        stream = self.pending.get(destination.request_id) if destination.request_id is not None else None
+        if stream is None or (stream.stream in self._json_streams and not destination.final):
+            stream = self.log.get_stream()  # a JSON answer carries responses only
+        self._append(stream, message)
         if destination.final:
-            self._settle(destination)
+            self._settle(destination.request_id, stream)  # type: ignore[arg-type]
 
-    def _settle(self, destination: Destination) -> None:
-        outbox = self.pending.pop(destination.request_id)  # type: ignore[arg-type]
-        outbox.expected -= 1
-        if outbox.expected <= 0:
-            self._forget_tokens(outbox)
-            outbox.close()
+    def _sole(self) -> RequestId | None:
+        """The one request running with an SSE stream of its own, if exactly one is."""
+        found = None
+        for request_id, stream in self.pending.items():
+            if stream.stream != 0 and stream.stream not in self._json_streams:
+                if found is not None:
+                    return None
+                found = request_id
+        return found
 
-    def _forget_tokens(self, outbox: Outbox) -> None:
-        for token in outbox.tokens:
-            self.tokens.pop(token, None)
+    def _append(self, stream: StreamLog, message: Message) -> None:
+        lost = self.log.lost
+        self.log.append(stream, message)
+        if self.log.lost > lost:
+            self._on_dropped(self.log.lost - lost)
+            log.warning("event_log.full", extra={"sid": self.tag, "count": self.log.limit})
+        self._changed.set()
+        self._changed = asyncio.Event()
 
-    def _to_get_stream(self, message: Message) -> None:
-        if self.get_stream is not None and not self.get_stream.closed:
-            self.get_stream.put(message)
+    def _settle(self, request_id: RequestId, stream: StreamLog) -> None:
+        del self.pending[request_id]
+        if (timer := self._timers.pop(request_id, None)) is not None:
+            timer.cancel()
+        owed = self.owed.get(stream.stream)
+        if owed is None:
             return
-        self.event_log.append(message)
-        if len(self.event_log) > self.limits.event_log_size:
-            self.event_log.popleft()
-            self._on_dropped(1)
-            log.warning("event_log.full", extra={"sid": self.tag, "count": self.limits.event_log_size})
+        owed.expected -= 1
+        if owed.expected <= 0:
+            del self.owed[stream.stream]
+            for token in owed.tokens:
+                self.tokens.pop(token, None)
+            if stream.stream != 0:
+                self.log.finish(stream)
 
     # -- ending ------------------------------------------------------------------
 
@@ -259,25 +311,22 @@ class SessionActor:
             self._on_exit(self, reason)
 
     async def end(self, reason: str) -> None:
-        """End the session: answer what is pending, close streams, reap the upstream. Idempotent."""
+        """End the session: answer what is pending, finish streams, stop the upstream. Idempotent."""
         if self._closing:
             await self._done.wait()
             return
-        self._closing = True
         self.ended = self.ended or reason
-        for request_id, outbox in list(self.pending.items()):
-            outbox.put(error_response(request_id, CONNECTION_CLOSED, f"Session ended: {reason}"))
-            outbox.close()
-        self.pending.clear()
-        self.tokens.clear()
-        if self.get_stream is not None:
-            self.get_stream.close()
+        for request_id in list(self.pending):
+            self.deliver(error_response(request_id, CONNECTION_CLOSED, f"Session ended: {self.ended}"))
+        self._closing = True
+        self._changed.set()  # readers see the session is over once they have what is left
+        for timer in self._timers.values():
+            timer.cancel()
         await self._tasks.close()
-        code = await self.upstream.stop(self.limits.kill_grace)
+        detail = await self.upstream.stop(self.limits.kill_grace)
         log.info("session.ended", extra={"node": self.record.node_id, "sid": self.tag, "reason": self.ended,
-                                         "pid": self.upstream.pid, "epoch": self.record.epoch,
-                                         "detail": f"upstream exit code {code}"})
+                                         "pid": self.upstream.pid, "epoch": self.record.epoch, "detail": detail})
         self._done.set()
 
 
-__all__ = ["ActorLimits", "Outbox", "SessionActor"]
+__all__ = ["CHANNEL", "JSON", "MODES", "SSE", "ActorLimits", "SessionActor"]

@@ -1,6 +1,12 @@
-"""The stdio upstream: one MCP server process per session, in its own process group.
+"""What an actor fronts: the `Upstream` protocol, and the stdio upstream.
 
-The command comes from configuration only. The process gets a scrubbed
+An upstream turns JSON-RPC messages into whatever reaches the server and back.
+`receive` also says which client request a message belongs to when the
+transport knows (an HTTP server answers on the request's own stream); stdio
+cannot tell, and says None. The HTTP upstreams live in `actors.upstream_http`.
+
+The stdio upstream is one MCP server process per session, in its own process
+group. The command comes from configuration only. The process gets a scrubbed
 environment, its own process group (so ending it ends its children too) and,
 where `setpriv` exists, a parent-death signal, so a node that is killed does
 not leave servers behind. `stop()` always reaps it.
@@ -15,10 +21,11 @@ import os
 import shutil
 import signal
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
+from actors.mcp import RequestId
 from tether.errors import UpstreamError
 
 log = logging.getLogger("tether.node")
@@ -28,6 +35,31 @@ ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "
                  "SHELL", "TERM", "NODE_PATH", "NPM_CONFIG_CACHE", "npm_config_cache",
                  "VIRTUAL_ENV", "PYTHONPATH", "UV_CACHE_DIR", "XDG_CACHE_HOME")
 _SETPRIV = shutil.which("setpriv")
+
+
+# One message from the upstream (an object, or a batch), and the client request it belongs to, if known.
+Inbound = tuple[Any, RequestId | None]
+
+
+class Upstream(Protocol):
+    """One session's server, as the actor sees it."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def describe(self) -> str: ...
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Deliver one client message. Raises `UpstreamError` when the server is gone."""
+
+    async def receive(self) -> Inbound | None:
+        """The next server message, or None when the server has gone. Raises `UpstreamError`."""
+
+    async def background(self) -> None:
+        """Work that runs as long as the session (stderr draining, the server's GET stream)."""
+
+    async def stop(self, grace: float) -> str:
+        """End the server's side of the session, within about `grace` seconds; returns what happened."""
 
 
 def scrubbed_env(extra: Mapping[str, str], source: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -76,6 +108,10 @@ class StdioUpstream:
     def __repr__(self) -> str:
         return f"StdioUpstream(pid={self.pid}, returncode={self.returncode})"
 
+    def describe(self) -> str:
+        code = self.returncode
+        return f"pid {self.pid}" if code is None else f"pid {self.pid}, exited with code {code}"
+
     async def send(self, message: Mapping[str, Any]) -> None:
         """Write one message. Raises `UpstreamError` if the process no longer reads."""
         stdin = self._process.stdin
@@ -87,7 +123,7 @@ class StdioUpstream:
             except (ConnectionError, RuntimeError) as exc:
                 raise UpstreamError("Cannot write to upstream: it has exited") from exc
 
-    async def receive(self) -> dict[str, Any] | list[Any] | None:
+    async def receive(self) -> Inbound | None:
         """The next JSON-RPC message, or None at end of output. Lines that are not JSON are logged."""
         stdout = self._process.stdout
         assert stdout is not None
@@ -105,9 +141,9 @@ class StdioUpstream:
                     errors="replace")})
                 continue
             if isinstance(message, dict | list):
-                return message
+                return message, None
 
-    async def stderr_lines(self) -> None:
+    async def background(self) -> None:
         """Forward the server's stderr to the node log, so the pipe never fills."""
         stderr = self._process.stderr
         assert stderr is not None
@@ -121,8 +157,11 @@ class StdioUpstream:
             log.info("upstream.stderr", extra={"pid": self.pid,
                                                "detail": line[:500].decode(errors="replace").rstrip()})
 
-    async def stop(self, grace: float) -> int | None:
+    async def stop(self, grace: float) -> str:
         """End the process group: close stdin, SIGTERM, SIGKILL after `grace`; always reap."""
+        return f"upstream exit code {await self._stop(grace)}"
+
+    async def _stop(self, grace: float) -> int | None:
         process = self._process
         if process.stdin is not None and not process.stdin.is_closing():
             process.stdin.close()

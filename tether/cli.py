@@ -116,7 +116,10 @@ async def wait_for_signal() -> int:
 
 
 def upstream_argv(config: Config) -> list[str]:
-    """The stdio server each session runs: the configured command, or the bundled demo."""
+    """The stdio server each session runs: the configured command, or the bundled demo; none when
+    sessions connect to `upstream_url` instead."""
+    if config.upstream_url:
+        return []
     argv = config.upstream_command_argv()
     if argv:
         if shutil.which(argv[0]) is None:

@@ -55,6 +55,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("port", int, "port to listen on; 0 picks a free one", ALL, minimum=0),
     _s("nodes", int, "actor node processes that `tether up` starts", frozenset({UP}), minimum=1),
     _s("upstream_command", str, "stdio MCP server to start per session (default: the bundled demo)", ACTOR),
+    _s("upstream_url", str, "URL of a stateful MCP server (Streamable HTTP or HTTP+SSE) that every session "
+       "opens its own session on, in place of upstream_command; empty: use the command", ACTOR),
+    _s("upstream_transport", str, "how to speak to upstream_url: streamable_http, sse (2024-11-05), or auto "
+       "(sse when the path ends in /sse)", ACTOR, choices=("auto", "streamable_http", "sse")),
     _s("idle_timeout", float, "seconds without client activity before a session is ended", ACTOR,
        minimum=0.05),
     _s("scan_interval", float, "seconds between the node reaper's idle scans", ACTOR, minimum=0.01),
@@ -68,8 +72,10 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=0.0),
     _s("max_sessions", int, "sessions one node holds before it declines new ones", ACTOR, minimum=1),
     _s("mailbox_depth", int, "client messages queued per session before 503", ACTOR, minimum=1),
-    _s("event_log_size", int, "server messages kept per session while no stream is open", ACTOR,
-       minimum=1),
+    _s("event_log_size", int, "server messages kept per session (all its streams together) for replay "
+       "with Last-Event-ID; an older cursor gets 410", ACTOR, minimum=1),
+    _s("stream_retry", float, "reconnect delay suggested to clients in the SSE retry field, in seconds", ACTOR,
+       minimum=0.0),
     _s("max_message_bytes", int, "largest JSON-RPC message an upstream may send, in bytes", ACTOR,
        minimum=1024),
     _s("max_body_bytes", int, "largest request body the gateway accepts, in bytes (else 413)", EDGE,
@@ -110,6 +116,8 @@ class Config:
     port: int = 8080
     nodes: int = 2
     upstream_command: str = ""
+    upstream_url: str = ""
+    upstream_transport: str = "auto"
     idle_timeout: float = 600.0
     scan_interval: float = 5.0
     keepalive_interval: float = 15.0
@@ -119,6 +127,7 @@ class Config:
     max_sessions: int = 1000
     mailbox_depth: int = 64
     event_log_size: int = 1000
+    stream_retry: float = 1.0
     max_message_bytes: int = 16 * 1024 * 1024
     max_body_bytes: int = 4 * 1024 * 1024
     allowed_origins: tuple[str, ...] = field(
@@ -145,6 +154,9 @@ class Config:
                 AffinitySource.parse(self.affinity_key)
             except ValueError as exc:
                 raise ConfigError(f"Cannot use affinity_key: {exc}") from exc
+        if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
+            raise ConfigError(f"Cannot use upstream_url: got {self.upstream_url!r}, expected an http:// or "
+                              "https:// URL")
         try:
             shlex.split(self.upstream_command)
         except ValueError as exc:

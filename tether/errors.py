@@ -86,6 +86,13 @@ class SessionNotFound(TetherError):
     rpc_code = None
 
 
+class CursorExpired(TetherError):
+    """A `Last-Event-ID` older than the event log's bound: resuming would leave a gap."""
+
+    status = 410
+    rpc_code = INVALID_REQUEST
+
+
 # -- capacity and availability -------------------------------------------------
 
 

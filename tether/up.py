@@ -44,8 +44,9 @@ def node_env(config: Config, store_url: str) -> dict[str, str]:
 
 
 async def start_node(node_id: str, env: dict[str, str], argv: list[str]) -> NodeProcess:
-    cmd = [sys.executable, "-m", "tether", "node", "--node-id", node_id,
-           "--upstream-command", shlex.join(argv)]
+    cmd = [sys.executable, "-m", "tether", "node", "--node-id", node_id]
+    if argv:
+        cmd += ["--upstream-command", shlex.join(argv)]
     process = await asyncio.create_subprocess_exec(*with_death_signal(cmd, "TERM"), env=env,
                                                    start_new_session=True, stdin=asyncio.subprocess.DEVNULL)
     return NodeProcess(node_id, process)
@@ -76,7 +77,8 @@ async def run_up(config: Config, argv: list[str]) -> int:
         try:
             members = await _wait_for_members(gateway, nodes, stop)
             if members is not None:
-                _banner(url, argv, nodes, members)
+                _banner(url, config.upstream_url or f"{shlex.join(argv)}  (one process per session)",
+                        nodes, members)
                 await stop
         finally:
             stop.cancel()
@@ -104,11 +106,11 @@ async def _wait_for_members(gateway: Gateway, nodes: list[NodeProcess],
     raise ConfigError(f"Cannot start the nodes: not all joined within {NODE_START_TIMEOUT:g}s")
 
 
-def _banner(url: str, argv: list[str], nodes: list[NodeProcess], members: dict[str, str]) -> None:
+def _banner(url: str, upstream: str, nodes: list[NodeProcess], members: dict[str, str]) -> None:
     lines = [
         "Tether is up.",
-        f"  MCP endpoint   {url}{MCP_PATH}",
-        f"  upstream       {shlex.join(argv)}  (one process per session)",
+        f"  MCP endpoint   {url}{MCP_PATH}  (also WebSocket {url.replace('http', 'ws', 1)}/ws, HTTP+SSE {url}/sse)",
+        f"  upstream       {upstream}",
     ]
     lines += [f"  {n.node_id:<14} {members[n.node_id]}  pid {n.process.pid}" for n in nodes]
     lines += [f"  metrics        {url}/metrics", "Press Ctrl-C to stop."]

@@ -1,36 +1,61 @@
-"""A stateful demo MCP server (stdio). Run: python -m tether_demo"""
+"""A stateful demo MCP server. Run: python -m tether_demo [--transport stdio|streamable-http|sse]
+
+Over stdio a process serves one session; over HTTP one process serves many,
+each with its own counter and notes.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
 
 from mcp.server.mcpserver import Context, MCPServer
 
 server = MCPServer("tether-demo", instructions="A stateful demo server: counter, notes, whoami.")
-_state: dict[str, object] = {"counter": 0, "notes": []}
+
+
+@dataclass
+class SessionState:
+    counter: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+_states: dict[str, SessionState] = {}  # a demo: sessions' state lives as long as the process
+
+
+def _state(ctx: Context) -> SessionState:
+    """This session's state: one per client session, however many a process serves. Over HTTP the
+    session is named by the Mcp-Session-Id header (Streamable HTTP) or the session_id query (SSE)."""
+    request = ctx.request_context.request
+    key = ""
+    if request is not None:
+        key = request.headers.get("mcp-session-id") or request.query_params.get("session_id") or ""
+    return _states.setdefault(key, SessionState())
 
 
 @server.tool()
-def increment(by: int = 1) -> int:
+def increment(ctx: Context, by: int = 1) -> int:
     """Add `by` to this session's counter and return the new value."""
-    _state["counter"] = int(_state["counter"]) + by  # type: ignore[call-overload]
-    return int(_state["counter"])  # type: ignore[call-overload]
+    state = _state(ctx)
+    state.counter += by
+    return state.counter
 
 
 @server.tool()
-def add_note(text: str) -> list[str]:
+def add_note(ctx: Context, text: str) -> list[str]:
     """Append a note to this session's notes; returns them all."""
-    notes: list[str] = _state["notes"]  # type: ignore[assignment]
-    notes.append(text)
-    return list(notes)
+    state = _state(ctx)
+    state.notes.append(text)
+    return list(state.notes)
 
 
 @server.tool()
-def list_notes() -> list[str]:
+def list_notes(ctx: Context) -> list[str]:
     """This session's notes, oldest first."""
-    return list(_state["notes"])  # type: ignore[call-overload]
+    return list(_state(ctx).notes)
 
 
 @server.tool()
@@ -56,6 +81,16 @@ async def announce_change(ctx: Context) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tether_demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", choices=("stdio", "streamable-http", "sse"), default="stdio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("mcp").setLevel(logging.WARNING)
-    server.run("stdio")
+    if args.transport == "stdio":
+        server.run("stdio")
+    elif args.transport == "sse":
+        server.run("sse", host=args.host, port=args.port)
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)

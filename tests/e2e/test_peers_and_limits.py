@@ -65,7 +65,8 @@ async def test_upstream_that_dies_at_start_is_502(tmp_path: Path, http: aiohttp.
     try:
         status, headers, body = await RawClient(http, up.mcp_url).post(initialize_message())
         assert status == 502
-        assert "Upstream exited (code 3) before answering initialize" in orjson.loads(body)["error"]["message"]
+        message = orjson.loads(body)["error"]["message"]
+        assert "exited with code 3) ended before answering initialize" in message
         assert "Mcp-Session-Id" not in headers
     finally:
         assert up.stop() == 0

@@ -1,0 +1,300 @@
+"""HTTP upstreams: a stateful MCP server reached by URL, over Streamable HTTP or HTTP+SSE.
+
+Each actor holds its own upstream session on the server: the client's
+`initialize` opens it (the server's `Mcp-Session-Id` is kept here, never shown
+to the client), the server's GET stream is held open for the session's whole
+life and resumed with `Last-Event-ID` when it drops, and ending the session
+sends DELETE. Messages the server sends on a request's own stream are
+reported as belonging to that request, so the actor keeps them on the
+client's stream for it. All sessions of a node share one pooled HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+import orjson
+
+from actors.mcp import RequestId, error_response
+from actors.sse import Parser
+from actors.upstream import Inbound
+from tether.errors import INTERNAL_ERROR, UpstreamError
+from tether.tasks import TaskSet
+
+log = logging.getLogger("tether.node")
+
+SESSION_HEADER = "Mcp-Session-Id"
+VERSION_HEADER = "MCP-Protocol-Version"
+ACCEPT_BOTH = "application/json, text/event-stream"
+RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # between tries to get a dropped stream back
+MAX_RECONNECTS = 8  # tries in a row before the server counts as gone
+
+
+def transport_for(url: str, setting: str) -> str:
+    """'streamable_http' or 'sse' for an upstream URL; 'auto' picks sse for a path ending in /sse."""
+    if setting != "auto":
+        return setting
+    path = url.split("?", 1)[0].rstrip("/")
+    return "sse" if path.endswith("/sse") else "streamable_http"
+
+
+class _HttpUpstream:
+    """What both HTTP upstreams share: the inbox the actor reads, the tasks, the pooled client."""
+
+    def __init__(self, client: aiohttp.ClientSession, url: str, *, max_message_bytes: int,
+                 request_timeout: float) -> None:
+        self._client = client
+        self.url = url
+        self._max = max_message_bytes
+        self._request_timeout = request_timeout
+        self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self._tasks = TaskSet(f"upstream-{url}")
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    async def receive(self) -> Inbound | None:
+        return await self._inbox.get()
+
+    def _gone(self, why: str) -> None:
+        log.warning("upstream.gone", extra={"detail": f"{self.url}: {why}"})
+        self._inbox.put_nowait(None)
+
+    def _fail(self, message: Mapping[str, Any], why: str) -> None:
+        """A request the server will never answer gets an error answer, so the client is not left waiting."""
+        if "method" in message and "id" in message:
+            self._inbox.put_nowait((error_response(message["id"], INTERNAL_ERROR, why), message["id"]))
+        else:
+            log.warning("upstream.message_refused", extra={"detail": f"{self.url}: {why}"})
+
+    async def _events(self, resp: aiohttp.ClientResponse, parser: Parser,
+                      related: RequestId | None, until: RequestId | None = None) -> bool:
+        """Read an SSE body into the inbox. True once the answer to `until` has come (the stream is done)."""
+        async for chunk in resp.content.iter_any():
+            try:
+                events = parser.feed(chunk)
+            except ValueError as exc:
+                raise UpstreamError(f"Cannot read upstream stream: {exc}") from exc
+            for found in events:
+                if found.name != "message" or not found.data:
+                    continue  # a priming event, or one this transport does not define
+                try:
+                    message = orjson.loads(found.data)
+                except orjson.JSONDecodeError:
+                    log.warning("upstream.not_json", extra={"detail": found.data[:200]})
+                    continue
+                self._seen(message)
+                self._inbox.put_nowait((message, related))
+                if until is not None and isinstance(message, dict) and "method" not in message \
+                        and message.get("id") == until:
+                    return True
+        return False
+
+    def _seen(self, message: object) -> None:
+        """A hook for what a transport learns from the messages it passes on."""
+
+    def _timeout(self, read: float | None = None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=read)
+
+
+class StreamableHttpUpstream(_HttpUpstream):
+    """A session on a Streamable HTTP server (2025-03-26 and later)."""
+
+    def __init__(self, client: aiohttp.ClientSession, url: str, *, max_message_bytes: int,
+                 request_timeout: float) -> None:
+        super().__init__(client, url, max_message_bytes=max_message_bytes, request_timeout=request_timeout)
+        self.session_id: str | None = None
+        self.version: str | None = None
+        self._initialized = asyncio.Event()  # the session is open: the GET stream may start
+
+    def describe(self) -> str:
+        return f"{self.url} session {self.session_id or '(none yet)'}"
+
+    def _headers(self, accept: str = ACCEPT_BOTH) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self.session_id:
+            headers[SESSION_HEADER] = self.session_id
+        if self.version:
+            headers[VERSION_HEADER] = self.version
+        return headers
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """POST one message. Requests are answered in the background (a slow tool must not hold up the
+        messages behind it), except initialize, whose answer opens the session."""
+        if message.get("method") == "initialize" or "id" not in message or "method" not in message:
+            await self._post(message)
+            if message.get("method") == "notifications/initialized":
+                self._initialized.set()
+        else:
+            self._tasks.spawn(self._post(message), f"post-{message['id']}")
+
+    async def _post(self, message: Mapping[str, Any]) -> None:
+        request_id = message.get("id") if "method" in message else None
+        headers = {**self._headers(), "Content-Type": "application/json"}
+        try:
+            resp = await self._client.post(self.url, data=orjson.dumps(message), headers=headers,
+                                           timeout=self._timeout(self._request_timeout + 5.0))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if message.get("method") == "initialize":
+                raise UpstreamError(f"Cannot reach upstream {self.url}: {exc!r}") from exc
+            self._fail(message, f"Upstream {self.url} cannot be reached: {exc!r}")
+            return
+        async with resp:
+            if message.get("method") == "initialize" and resp.status == 200:
+                self.session_id = resp.headers.get(SESSION_HEADER)
+            await self._answer(message, request_id, resp)
+
+    async def _answer(self, message: Mapping[str, Any], request_id: RequestId | None,
+                      resp: aiohttp.ClientResponse) -> None:
+        if resp.status == 404 and self.session_id:
+            self._gone("the server no longer knows this session (404)")
+            return
+        if resp.status == 202 or (resp.status == 200 and request_id is None):
+            return
+        if resp.status != 200:
+            body = (await resp.content.read(300)).decode(errors="replace")
+            self._fail(message, f"Upstream answered HTTP {resp.status}: {body}")
+            return
+        if resp.content_type == "text/event-stream":
+            await self._stream_answer(resp, request_id)
+            return
+        try:
+            answer = orjson.loads(await resp.read())
+        except orjson.JSONDecodeError:
+            self._fail(message, "Upstream answered with a body that is not JSON")
+            return
+        self._seen(answer)
+        self._inbox.put_nowait((answer, request_id))
+
+    def _seen(self, answer: object) -> None:
+        """The initialize answer names the revision every later request must carry."""
+        if isinstance(answer, dict) and isinstance(answer.get("result"), dict) and self.version is None:
+            version = answer["result"].get("protocolVersion")
+            if isinstance(version, str):
+                self.version = version
+
+    async def _stream_answer(self, resp: aiohttp.ClientResponse, request_id: RequestId | None) -> None:
+        """Read a POST's SSE answer; if it drops before the answer, resume it with GET and Last-Event-ID."""
+        parser = Parser(self._max)
+        try:
+            if await self._events(resp, parser, request_id, until=request_id):
+                return
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        for delay in RECONNECT_DELAYS:
+            if parser.last_id is None:
+                break  # the server gave no ids: nothing to resume from
+            await asyncio.sleep(delay)
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self._client.get(self.url, headers={**self._headers("text/event-stream"),
+                                                               "Last-Event-ID": parser.last_id},
+                                            timeout=self._timeout(self._request_timeout + 5.0)) as again:
+                    if again.status == 200 and await self._events(again, parser, request_id, until=request_id):
+                        return
+        if request_id is not None:
+            self._inbox.put_nowait((error_response(request_id, INTERNAL_ERROR,
+                                                   "Upstream stream ended before the answer"), request_id))
+
+    async def background(self) -> None:
+        """Hold the server's GET stream open from `initialized` to the end; resume it when it drops."""
+        await self._initialized.wait()
+        parser = Parser(self._max)
+        failures = 0
+        while True:
+            headers = self._headers("text/event-stream")
+            if parser.last_id is not None:
+                headers["Last-Event-ID"] = parser.last_id
+            try:
+                async with self._client.get(self.url, headers=headers, timeout=self._timeout()) as resp:
+                    if resp.status == 405:
+                        return  # the server offers no GET stream
+                    if resp.status == 404:
+                        self._gone("the server no longer knows this session (404 on GET)")
+                        return
+                    if resp.status == 200:
+                        failures = 0
+                        await self._events(resp, parser, None)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.info("upstream.stream_dropped", extra={"detail": f"{self.url}: {exc!r}"})
+            failures += 1
+            if failures > MAX_RECONNECTS:
+                self._gone(f"its GET stream failed {MAX_RECONNECTS} times in a row")
+                return
+            await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
+
+    async def stop(self, grace: float) -> str:
+        await self._tasks.close(timeout=grace)
+        if not self.session_id:
+            return "no upstream session"
+        try:
+            async with self._client.delete(self.url, headers=self._headers(),
+                                           timeout=aiohttp.ClientTimeout(total=grace)) as resp:
+                return f"upstream DELETE answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"upstream DELETE failed: {exc!r}"
+
+
+class SseUpstream(_HttpUpstream):
+    """A session on an HTTP+SSE server (2024-11-05): a GET stream, and POSTs to the URI it names."""
+
+    def __init__(self, client: aiohttp.ClientSession, url: str, *, max_message_bytes: int,
+                 request_timeout: float) -> None:
+        super().__init__(client, url, max_message_bytes=max_message_bytes, request_timeout=request_timeout)
+        self._endpoint: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def describe(self) -> str:
+        return f"{self.url} endpoint {self._endpoint.result() if self._endpoint.done() else '(none yet)'}"
+
+    async def background(self) -> None:
+        """The session's stream: the endpoint event first, then the server's messages until it ends."""
+        parser = Parser(self._max)
+        try:
+            async with self._client.get(self.url, headers={"Accept": "text/event-stream"},
+                                        timeout=self._timeout()) as resp:
+                if resp.status != 200:
+                    raise UpstreamError(f"Upstream {self.url} answered HTTP {resp.status} to the stream GET")
+                async for chunk in resp.content.iter_any():
+                    for found in parser.feed(chunk):
+                        self._on_event(found.name, found.data)
+        except (aiohttp.ClientError, TimeoutError, UpstreamError, ValueError) as exc:
+            self._gone(f"its stream failed: {exc!r}")
+            return
+        self._gone("its stream ended (HTTP+SSE sessions cannot be resumed)")
+
+    def _on_event(self, name: str, data: str) -> None:
+        if name == "endpoint" and not self._endpoint.done():
+            self._endpoint.set_result(urljoin(self.url, data.strip()))
+        elif name == "message" and data:
+            try:
+                self._inbox.put_nowait((orjson.loads(data), None))
+            except orjson.JSONDecodeError:
+                log.warning("upstream.not_json", extra={"detail": data[:200]})
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                endpoint = await asyncio.shield(self._endpoint)
+        except TimeoutError:
+            raise UpstreamError(f"Upstream {self.url} sent no endpoint event") from None
+        try:
+            async with self._client.post(endpoint, data=orjson.dumps(message),
+                                         headers={"Content-Type": "application/json"},
+                                         timeout=self._timeout(self._request_timeout)) as resp:
+                if resp.status == 404:
+                    self._gone("the server no longer knows this session (404)")
+                elif resp.status >= 300:
+                    body = (await resp.content.read(300)).decode(errors="replace")
+                    self._fail(message, f"Upstream answered HTTP {resp.status}: {body}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._fail(message, f"Upstream {self.url} cannot be reached: {exc!r}")
+
+    async def stop(self, grace: float) -> str:
+        await self._tasks.close(timeout=grace)
+        return "upstream stream closed"
