@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from actors.http import Handler, bind_socket, error_answer, health_routes, internal_only
@@ -27,6 +28,7 @@ from actors.internal import (
 )
 from actors.mcp import MODERN_VERSIONS
 from actors.placement import Placement
+from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.store.base import NodeRecord, OwnershipRecord, Store
 from actors.store.link import store_routes
@@ -41,7 +43,10 @@ from tether.errors import (
     PayloadTooLarge,
     SessionNotFound,
     TetherError,
+    UpstreamError,
+    UpstreamTimeout,
 )
+from tether.logs import sid_tag
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.gateway")
@@ -50,6 +55,8 @@ SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
 MCP_PATH = "/mcp"
 TRANSPORT = "streamable_http"
+# The transport label of each client path (the channel transports' paths are in gateway.channels).
+TRANSPORTS = {MCP_PATH: TRANSPORT, "/sse": "sse", "/messages": "sse", "/ws": "websocket"}
 LINK_SLACK = 5.0  # seconds a node may take beyond its own limits before the gateway gives up on it
 # Client headers a node needs to see; nothing else crosses the link.
 _FORWARDED = (VERSION_HEADER, "Last-Event-ID")
@@ -99,13 +106,29 @@ class Gateway:
     async def create_session(self, request: web.Request, body: bytes, mode: str, version: str,
                              sid: str | None = None) -> web.StreamResponse:
         """Place a new session (a minted id, or a named one) on the first node of its ring order that
-        accepts it. A named session already live elsewhere is joined where it lives."""
-        self.placement.check_fresh()
+        accepts it, and relay the upstream's initialize answer. A named session already live elsewhere
+        is joined where it lives."""
         if sid is not None and self.placement.settling:  # its old owner may not have re-asserted yet
             raise Overloaded("Service Unavailable: the store is recovering; try this named session again",
                              retry_after=1.0)
         sid = sid or mint_session_id()
-        headers = {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version}
+        resp = await self.place(sid, body, {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version})
+        return await self.relay(request, resp, {SESSION_HEADER: sid} if resp.headers.get(EPOCH_HEADER) else {})
+
+    async def create_channel(self) -> str:
+        """Place a new WebSocket or HTTP+SSE session; its initialize comes later, on the channel.
+        Returns the session id. Raises `TetherError` with the node's answer when it cannot start."""
+        sid = mint_session_id()
+        resp = await self.place(sid, b"", {CREATE_HEADER: "1", RESPONSE_HEADER: CHANNEL})
+        async with resp:
+            if resp.status != 201:
+                raise await as_error(resp)
+        return sid
+
+    async def place(self, sid: str, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """Ask the nodes of `sid`'s ring order, first to last, to create it; the first that does not
+        decline answers. Raises `Overloaded` when none can."""
+        self.placement.check_fresh()
         candidates = self.placement.candidates(sid)
         if not candidates:  # a ring that has not seen its first members yet: look once more
             await self.placement.refresh()
@@ -124,13 +147,11 @@ class Gateway:
             if resp.status == 409:  # a named session another node owns: initialize it there
                 resp.release()
                 resp, node = await self._join_elsewhere(sid, body, headers)
-            extra = {}
             if epoch := resp.headers.get(EPOCH_HEADER):
                 incarnation = resp.headers.get(INCARNATION_HEADER, "")
                 self.placement.remember(OwnershipRecord(sid, node.node_id, int(epoch), incarnation))
                 self.metrics.sessions_created.inc()
-                extra[SESSION_HEADER] = sid
-            return await self.relay(request, resp, extra)
+            return resp
         raise Overloaded("Service Unavailable: no actor node can take a new session now", retry_after=5.0)
 
     async def _join_elsewhere(self, sid: str, body: bytes,
@@ -154,6 +175,12 @@ class Gateway:
     async def forward(self, request: web.Request, method: str, sid: str, *, body: bytes | None = None,
                       headers: Mapping[str, str] | None = None) -> web.StreamResponse:
         """Send a request to the owner of `sid` and relay its answer. Raises `SessionNotFound`."""
+        return await self.relay(request, await self.call(method, sid, body=body, headers=headers), {})
+
+    async def call(self, method: str, sid: str, *, body: bytes | None = None,
+                   headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
+        """Send a request to the owner of `sid`; the caller reads and releases the answer.
+        Raises `SessionNotFound`, or `Overloaded` when the owner cannot be reached."""
         if not is_valid_session_id(sid):
             raise SessionNotFound("Session not found")
         _, node = await self.placement.locate(sid)
@@ -161,7 +188,7 @@ class Gateway:
                                     read_timeout=self.read_timeout(method, headers))
         if resp.status == 404 or (method == "DELETE" and resp.status == 200):
             self.placement.forget(sid)
-        return await self.relay(request, resp, {})
+        return resp
 
     def read_timeout(self, method: str, headers: Mapping[str, str] | None) -> float:
         """How long the gateway waits for bytes from a node before it gives up on it."""
@@ -174,7 +201,7 @@ class Gateway:
         return config.upstream_request_timeout + LINK_SLACK
 
     async def relay(self, request: web.Request, resp: aiohttp.ClientResponse,
-                    extra: Mapping[str, str]) -> web.StreamResponse:
+                    extra: Mapping[str, str], transport: str = TRANSPORT) -> web.StreamResponse:
         """Copy a node's answer to the client; SSE is streamed chunk by chunk, never buffered whole."""
         try:
             if resp.content_type != "text/event-stream":
@@ -182,24 +209,66 @@ class Gateway:
                 return web.Response(status=resp.status, body=await resp.read(), headers={**headers, **extra})
             out = web.StreamResponse(status=resp.status, headers={**SSE_HEADERS, **extra})
             await out.prepare(request)
-            gauge = self.metrics.streams_open.labels(TRANSPORT)
-            gauge.inc()
-            try:
-                async for chunk in resp.content.iter_any():
-                    await out.write(chunk)
-            except (ConnectionError, TimeoutError, aiohttp.ClientError):
-                pass  # one side went away or stalled; closing the link response tells the node
-            finally:
-                gauge.dec()
+            await self.pipe(resp, out, transport)
             return out
         finally:
-            if resp.content.at_eof():
-                resp.release()
-            else:
-                resp.close()
+            done_with(resp)
+
+    def end_later(self, sid: str) -> None:
+        """End a session whose client has left for good, without holding up the handler that saw it."""
+        self._tasks.spawn(self._end(sid), f"end-{sid_tag(sid)}")
+
+    async def _end(self, sid: str) -> None:
+        try:
+            resp = await self.call("DELETE", sid)
+            resp.release()
+        except TetherError as exc:
+            log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
+
+    async def pipe(self, resp: aiohttp.ClientResponse, out: web.StreamResponse, transport: str) -> None:
+        """Copy a node's SSE stream to the client as it arrives, until either side goes."""
+        gauge = self.metrics.streams_open.labels(transport)
+        gauge.inc()
+        try:
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+        except (ConnectionError, TimeoutError, aiohttp.ClientError):
+            pass  # one side went away or stalled; closing the link response tells the node
+        finally:
+            gauge.dec()
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def done_with(resp: aiohttp.ClientResponse) -> None:
+    """Give a link response back: its connection is reused if the body was read, else closed."""
+    if resp.content.at_eof():
+        resp.release()
+    else:
+        resp.close()
+
+
+async def as_error(resp: aiohttp.ClientResponse) -> TetherError:
+    """A node's error answer as the TetherError that gives the client the same status and message."""
+    try:
+        body = orjson.loads(await resp.read())
+        message = str(body["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, aiohttp.ClientError):
+        message = f"the node answered HTTP {resp.status}"
+    retry = resp.headers.get("Retry-After")
+    if resp.status == 404:
+        return SessionNotFound(message)
+    if resp.status in (503, 429):
+        return Overloaded(message, retry_after=float(retry) if retry and retry.isdigit() else 1.0,
+                          status=resp.status)
+    if resp.status == 504:
+        return UpstreamTimeout(message)
+    if resp.status >= 500:
+        return UpstreamError(message)
+    error = BadRequest(message)
+    error.status = resp.status
+    return error
 
 
 def _forwarded(request: web.Request, **extra: str) -> dict[str, str]:
@@ -208,7 +277,7 @@ def _forwarded(request: web.Request, **extra: str) -> dict[str, str]:
     return headers
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Payload Too Large: the body is {request.content_length} bytes, "
                               f"the limit is {limit}")
@@ -227,7 +296,7 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
         mode = rules.post_answer_mode(request.headers.get("Content-Type"), request.headers.get("Accept"),
                                       config.response_mode)
         version = rules.protocol_version(request.headers.get(VERSION_HEADER))
-        body = await _read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_body_bytes)
         post = rules.parse_post(body, version)
         sid = rules.session_id(request.headers.get(SESSION_HEADER))
         if sid is None and (named := gw.named_session(request, post)) is not None:
@@ -283,8 +352,8 @@ async def measured(request: web.Request, handler: Handler) -> web.StreamResponse
         response = await handler(request)
     except TetherError as exc:
         response = error_answer(exc)
-    if request.path == MCP_PATH:
-        request.app[GATEWAY_KEY].metrics.observe(TRANSPORT, request.method, response.status,
+    if (transport := TRANSPORTS.get(request.path)) is not None:
+        request.app[GATEWAY_KEY].metrics.observe(transport, request.method, response.status,
                                                  time.monotonic() - started)
     return response
 
@@ -297,6 +366,9 @@ def build_gateway_app(gateway: Gateway, store: Store | None = None) -> web.Appli
     app[GATEWAY_KEY] = gateway
     app.add_routes([web.post(MCP_PATH, handle_post), web.get(MCP_PATH, handle_get),
                     web.delete(MCP_PATH, handle_delete), web.route("*", MCP_PATH, handle_other)])
+    from gateway.channels import channel_routes  # it builds on this module's Gateway
+
+    app.add_routes(channel_routes())
     app.add_routes(health_routes(gateway.metrics.registry, gateway.ready))
     if store is not None:
         app.add_routes(store_routes(store, config.internal_secret))

@@ -65,11 +65,16 @@ def accepted(accept: str | None) -> tuple[bool, bool]:
             wild or SSE in types or "text/*" in types)
 
 
-def post_answer_mode(content_type: str | None, accept: str | None, preferred: str) -> str:
-    """'sse' or 'json' for a POST. Raises `UnsupportedMediaType` (415) or `NotAcceptable` (406)."""
+def check_json_body(content_type: str | None) -> None:
+    """A POST body must be JSON. Raises `UnsupportedMediaType` (415)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != JSON:
         raise UnsupportedMediaType(f"Unsupported Media Type: Content-Type must be {JSON}, got {media or 'none'!r}")
+
+
+def post_answer_mode(content_type: str | None, accept: str | None, preferred: str) -> str:
+    """'sse' or 'json' for a POST. Raises `UnsupportedMediaType` (415) or `NotAcceptable` (406)."""
+    check_json_body(content_type)
     json_ok, sse_ok = accepted(accept)
     if not (json_ok or sse_ok):
         raise NotAcceptable(f"Not Acceptable: Accept must include {JSON} and {SSE}")

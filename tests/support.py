@@ -252,3 +252,46 @@ class RedisServer:
         if self.process.stdout is not None:
             self.process.stdout.close()
         self.process = None
+
+
+@dataclass
+class HttpMcpServer:
+    """An MCP server over HTTP on a loopback port (the demo, or any command taking {port}); stopped by PID."""
+
+    argv: list[str]  # "{port}" in it is replaced by the port
+    path: str  # /mcp or /sse
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    @classmethod
+    def demo(cls, transport: str) -> HttpMcpServer:
+        return cls([sys.executable, "-m", "tether_demo", "--transport", transport, "--port", "{port}"],
+                   "/sse" if transport == "sse" else "/mcp")
+
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> HttpMcpServer:
+        import socket
+
+        for _ in range(5):  # a free port can be taken between the probe and the bind: try another
+            self.port = free_port()
+            self.process = subprocess.Popen([a.replace("{port}", str(self.port)) for a in self.argv],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            stdin=subprocess.DEVNULL, env=env)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.process.poll() is None:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return self
+                time.sleep(0.05)
+            self.stop()
+        raise RuntimeError(f"{self.argv} did not start listening")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+            self.process.wait(10)
+            self.process = None
