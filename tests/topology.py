@@ -89,7 +89,8 @@ class Topology:
         return proc
 
     def add_node(self, node_id: str) -> Proc:
-        args = ["node", *self.common(), "--node-id", node_id, "--upstream-command", LIGHT]
+        upstream = self.settings.get("upstream_command", LIGHT)
+        args = ["node", *self.common(), "--node-id", node_id, "--upstream-command", upstream]
         proc = _spawn(node_id, args, self.log_dir / f"{node_id}.log", b"tether node:", self.settings)
         self.nodes[node_id] = proc
         return proc

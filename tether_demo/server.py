@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 
 server = MCPServer("tether-demo", instructions="A stateful demo server: counter, notes, whoami.")
@@ -66,9 +67,12 @@ def whoami() -> dict[str, object]:
 
 
 @server.tool()
-async def count_slowly(steps: int, ctx: Context) -> int:
-    """Report progress `steps` times, then return `steps`: shows progress streaming through Tether."""
+async def count_slowly(steps: int, ctx: Context, interval: float = 0.0) -> int:
+    """Report progress `steps` times, `interval` seconds apart, then return `steps`: shows progress
+    streaming through Tether (and, with an interval, a stream that can be cut and resumed)."""
     for step in range(1, steps + 1):
+        if interval:
+            await anyio.sleep(interval)
         await ctx.report_progress(step, steps, f"step {step}")
     return steps
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -19,42 +19,12 @@ import pytest
 import redis.asyncio as aioredis
 from mcp.client.client import Client
 
-from tests.conftest import start_tether
+from tests.conftest import TTL, MakeTopology, start_tether
 from tests.support import RawClient, RedisServer, call_tool, initialize_message, wait_until
-from tests.topology import LIGHT, SECRET, Topology
+from tests.topology import LIGHT, SECRET
 from tether.logs import sid_tag
 
-TTL = 3.0
-FAST = {"heartbeat_ttl": str(TTL), "membership_refresh": "0.2", "keepalive_interval": "1", "kill_grace": "1"}
 LIST = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
-
-MakeTopology = Callable[..., Awaitable[Topology]]
-
-
-@pytest.fixture
-async def make_topology(redis_server: RedisServer, tmp_path: Path,
-                        http: aiohttp.ClientSession) -> AsyncIterator[MakeTopology]:
-    made: list[Topology] = []
-
-    async def make(nodes: int = 3, gateways: int = 2, redis: RedisServer | None = None,
-                   **settings: str) -> Topology:
-        redis = redis or redis_server
-        flush = aioredis.Redis.from_url(redis.url)
-        await flush.flushall()
-        await flush.aclose()
-        topo = Topology(redis, tmp_path, {**FAST, **settings})
-        made.append(topo)
-        for i in range(nodes):
-            topo.add_node(f"node-{i + 1}")
-        for _ in range(gateways):
-            topo.add_gateway()
-        await topo.wait_ring(http, set(topo.nodes))
-        return topo
-
-    yield make
-    for topo in made:
-        assert topo.stop() == []  # every process stopped on Ctrl-C, none had to be killed
-        assert topo.ownership_violations() == []
 
 
 async def session_keys(redis_url: str) -> list[str]:
