@@ -303,6 +303,8 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
             if post.initialize:
                 return await gw.create_session(request, body, mode, version, sid=named)
             sid = named
+        if version in MODERN_VERSIONS:
+            rules.check_modern_headers(request.headers, post, version)
         if sid is None:
             if post.initialize:
                 return await gw.create_session(request, body, mode, version)

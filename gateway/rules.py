@@ -8,6 +8,8 @@ Streamable HTTP transport prescribes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -29,6 +31,7 @@ from actors.mcp import (
 from tether.errors import (
     BadRequest,
     Forbidden,
+    HeaderMismatch,
     NotAcceptable,
     ParseError,
     UnsupportedMediaType,
@@ -147,6 +150,54 @@ def parse_post(body: bytes, version: str) -> Post:
             raise BadRequest("Invalid Request: initialize must not be part of a batch")
         return post
     return Post((check_message(data),), batch=False)
+
+
+# 2026-07-28 (SEP-2243): the body field that `Mcp-Name` mirrors, for the methods that name a target.
+NAMED_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri",
+               "resources/subscribe": "uri", "resources/unsubscribe": "uri"}
+PROTOCOL_META = "io.modelcontextprotocol/protocolVersion"
+
+
+def check_modern_headers(headers: Mapping[str, str], post: Post, version: str) -> None:
+    """2026-07-28: `Mcp-Method` (on every request), `Mcp-Name` (on a request that names a target) and
+    MCP-Protocol-Version must say what the body says. Raises `HeaderMismatch` (400, -32020)."""
+    message = post.messages[0]
+    method = message.get("method")
+    if method is None:
+        return  # a response: nothing to mirror
+    given = _header_value(headers, "Mcp-Method")
+    if given is None:
+        raise HeaderMismatch("Header mismatch: the Mcp-Method header is required in protocol revision "
+                             f"{version}")
+    if given != method:
+        raise HeaderMismatch(f"Header mismatch: Mcp-Method is {given!r} but the body's method is {method!r}")
+    params = message.get("params")
+    params = params if isinstance(params, dict) else {}
+    key = NAMED_PARAM.get(method)
+    target = params.get(key) if key else None
+    name = _header_value(headers, "Mcp-Name")
+    if isinstance(target, str) and name is None:
+        raise HeaderMismatch(f"Header mismatch: the Mcp-Name header is required for {method} (it mirrors "
+                             f"params.{key})")
+    if name is not None and name != target:
+        raise HeaderMismatch(f"Header mismatch: Mcp-Name is {name!r} but the body's params.{key or 'name'} "
+                             f"is {target!r}")
+    meta = params.get("_meta")
+    stated = meta.get(PROTOCOL_META) if isinstance(meta, dict) else None
+    if stated is not None and stated != version:
+        raise HeaderMismatch(f"Header mismatch: MCP-Protocol-Version is {version!r} but the body's "
+                             f"_meta says {stated!r}")
+
+
+def _header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """A mirrored header's value; non-ASCII values travel as =?base64?...?=. Raises `HeaderMismatch`."""
+    raw = headers.get(name)
+    if raw is None or not (raw.startswith("=?base64?") and raw.endswith("?=")):
+        return raw
+    try:
+        return base64.b64decode(raw[9:-2], validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise HeaderMismatch(f"Header mismatch: {name} is not valid base64-encoded UTF-8") from None
 
 
 def stateless_fallback(version: str) -> UnsupportedProtocolVersion:

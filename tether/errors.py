@@ -14,6 +14,7 @@ INTERNAL_ERROR = -32603
 CONNECTION_CLOSED = -32000
 REQUEST_TIMEOUT = -32001
 UNSUPPORTED_PROTOCOL_VERSION = -32022
+HEADER_MISMATCH = -32020  # 2026-07-28: Mcp-Method / Mcp-Name / MCP-Protocol-Version disagree with the body
 
 
 class TetherError(Exception):
@@ -46,6 +47,12 @@ class ParseError(BadRequest):
 
 class UnsupportedProtocolVersion(BadRequest):
     rpc_code = UNSUPPORTED_PROTOCOL_VERSION
+
+
+class HeaderMismatch(BadRequest):
+    """2026-07-28: a header that mirrors the body is missing, malformed, or says something else."""
+
+    rpc_code = HEADER_MISMATCH
 
 
 class Forbidden(TetherError):

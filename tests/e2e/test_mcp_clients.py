@@ -83,3 +83,13 @@ async def test_twenty_sessions_land_on_both_nodes(tether: TetherUp, raw: RawClie
     for sid in sids:
         async with raw.session.delete(raw.url, headers={"Mcp-Session-Id": sid}) as resp:
             assert resp.status == 200
+
+
+async def test_stateless_headers_that_disagree_with_the_body_are_refused(raw: RawClient) -> None:
+    call = {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "increment", "arguments": {}}}
+    status, _, body = await raw.post(call, headers={"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+                                                    "Mcp-Name": "delete_everything"})
+    assert status == 400
+    error = orjson.loads(body)
+    assert error["id"] == 4 and error["error"]["code"] == -32020
+    assert "Mcp-Name is 'delete_everything'" in error["error"]["message"]

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import base64
+
+import orjson
 import pytest
 
 from gateway import rules
@@ -7,6 +10,7 @@ from tether.config import Config
 from tether.errors import (
     BadRequest,
     Forbidden,
+    HeaderMismatch,
     NotAcceptable,
     ParseError,
     UnsupportedMediaType,
@@ -104,3 +108,39 @@ def test_affinity_sources() -> None:
 def test_bad_affinity_specs_are_refused(spec: str) -> None:
     with pytest.raises(ValueError):
         rules.AffinitySource.parse(spec)
+
+
+MODERN = "2026-07-28"
+
+
+def modern_post(method: str, **params: object) -> rules.Post:
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    return rules.parse_post(orjson.dumps(body), MODERN)
+
+
+@pytest.mark.parametrize(("headers", "post", "complaint"), [
+    ({}, modern_post("tools/list"), "Mcp-Method header is required"),
+    ({"Mcp-Method": "tools/list"}, modern_post("tools/call", name="add"), "Mcp-Method is 'tools/list'"),
+    ({"Mcp-Method": "tools/call"}, modern_post("tools/call", name="add"), "Mcp-Name header is required"),
+    ({"Mcp-Method": "tools/call", "Mcp-Name": "rm"}, modern_post("tools/call", name="add"), "Mcp-Name is 'rm'"),
+    ({"Mcp-Method": "resources/read", "Mcp-Name": "file:///a"}, modern_post("resources/read", uri="file:///b"),
+     "params.uri is 'file:///b'"),
+    ({"Mcp-Method": "tools/list", "Mcp-Name": "x"}, modern_post("tools/list"), "Mcp-Name is 'x'"),
+    ({"Mcp-Method": "tools/list"}, modern_post("tools/list", _meta={rules.PROTOCOL_META: "2025-11-25"}),
+     "_meta says '2025-11-25'"),
+    ({"Mcp-Method": "=?base64?!!?="}, modern_post("tools/list"), "not valid base64"),
+])
+def test_modern_headers_must_mirror_the_body(headers: dict[str, str], post: rules.Post, complaint: str) -> None:
+    with pytest.raises(HeaderMismatch) as caught:
+        rules.check_modern_headers(headers, post, MODERN)
+    assert caught.value.status == 400 and caught.value.rpc_code == -32020
+    assert complaint in caught.value.message
+
+
+def test_modern_headers_that_agree_pass_base64_included() -> None:
+    name = "résumé"
+    encoded = "=?base64?" + base64.b64encode(name.encode()).decode() + "?="
+    rules.check_modern_headers({"Mcp-Method": "tools/call", "Mcp-Name": encoded},
+                               modern_post("tools/call", name=name), MODERN)
+    rules.check_modern_headers({"Mcp-Method": "tools/list"},
+                               modern_post("tools/list", _meta={rules.PROTOCOL_META: MODERN}), MODERN)
