@@ -10,17 +10,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import mcp.types as types
 import orjson
 import pytest
 from mcp.client.client import Client
 
+from actors.sse import Parser
 from tests.conftest import start_tether
 from tests.support import (
     RawClient,
     TetherUp,
+    call_tool,
     children_of,
     initialize_message,
     server_everything_command,
+    sse_messages,
     wait_until,
 )
 
@@ -142,3 +146,45 @@ async def test_a_stalled_node_is_answered_with_504_not_a_hang(tmp_path: Path,
         assert (await raw.call(sid, LIST))["result"]["tools"]  # resumed, the session is intact
     finally:
         assert up.stop() == 0
+
+
+async def test_a_sampling_request_reaches_the_client_and_its_answer_the_server(everything: TetherUp) -> None:
+    asked: list[str] = []
+
+    async def sample(context: object, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        asked.append(params.messages[0].content.text)  # type: ignore[union-attr]
+        return types.CreateMessageResult(role="assistant", model="tether-test", stop_reason="endTurn",
+                                         content=types.TextContent(type="text", text="sampled through tether"))
+
+    async with Client(everything.mcp_url, mode="legacy", sampling_callback=sample) as client:
+        result = await client.call_tool("trigger-sampling-request", {"prompt": "ping"})
+    assert asked and "ping" in asked[0]  # the server's request reached the client...
+    assert "sampled through tether" in str(result.content)  # ...and the client's answer reached the server
+
+
+async def test_logging_and_resource_updates_reach_their_streams(everything: TetherUp,
+                                                                http: aiohttp.ClientSession) -> None:
+    raw = RawClient(http, everything.mcp_url)
+    sid = await raw.initialize()
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": sid}
+    async with http.get(everything.mcp_url, headers=headers) as get_stream:
+        assert get_stream.status == 200
+        set_level = {"jsonrpc": "2.0", "id": 2, "method": "logging/setLevel", "params": {"level": "debug"}}
+        assert (await raw.post(set_level, sid=sid))[0] == 200
+        uri = "demo://resource/static/document/architecture.md"
+        subscribe = {"jsonrpc": "2.0", "id": 3, "method": "resources/subscribe", "params": {"uri": uri}}
+        status, _, body = await raw.post(subscribe, sid=sid, accept="text/event-stream, application/json")
+        # The server logs the subscription while the request runs: that log message is the request's.
+        logged = [m for m in sse_messages(body) if m.get("method") == "notifications/message"]
+        assert status == 200 and any(uri in str(m["params"]["data"]) for m in logged)
+        status, _, body = await raw.post(call_tool(4, "toggle-subscriber-updates"), sid=sid,
+                                         accept="text/event-stream, application/json")
+        assert status == 200
+        assert not [m for m in sse_messages(body) if m.get("method") == "notifications/resources/updated"]
+        parser, updates = Parser(), []
+        async with asyncio.timeout(15):  # sent at once, then every 5 s
+            async for chunk in get_stream.content.iter_any():
+                updates += [orjson.loads(e.data) for e in parser.feed(chunk) if e.data]
+                if any(m.get("method") == "notifications/resources/updated" for m in updates):
+                    break
+    assert {"method": "notifications/resources/updated", "params": {"uri": uri}, "jsonrpc": "2.0"} in updates
