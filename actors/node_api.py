@@ -101,6 +101,7 @@ async def _create(request: web.Request, node: Node, sid: str, messages: list[Mes
         return error_answer(exc)
     headers = {NODE_HEADER: node.node_id}
     if actor is not None:
+        actor.channel = actor.channel or mode == CHANNEL
         headers[EPOCH_HEADER] = str(actor.record.epoch)
         headers[INCARNATION_HEADER] = actor.record.incarnation
     if answer is None:
