@@ -10,10 +10,13 @@ import argparse
 import logging
 import os
 import socket
+from collections import deque
 from dataclasses import dataclass, field
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
+from mcp_types import JSONRPCMessage
 
 server = MCPServer("tether-demo", instructions="A stateful demo server: counter, notes, whoami.")
 
@@ -78,10 +81,47 @@ async def count_slowly(steps: int, ctx: Context, interval: float = 0.0) -> int:
 
 
 @server.tool()
+async def drop_stream_between(ctx: Context) -> str:
+    """Over HTTP: announce a tool-list change on the GET stream, drop that stream, then announce a
+    resource-list change while it is down. A client resuming with Last-Event-ID gets both."""
+    await ctx.session.send_tool_list_changed()
+    await anyio.sleep(0.2)  # let the first reach the wire, so the client has an id to resume from
+    await ctx.close_standalone_sse_stream()
+    await ctx.session.send_resource_list_changed()
+    return "dropped"
+
+
+@server.tool()
 async def announce_change(ctx: Context) -> str:
     """Send notifications/tools/list_changed: a server message tied to no request (GET stream)."""
     await ctx.session.send_tool_list_changed()
     return "announced"
+
+
+class MemoryEventStore(EventStore):
+    """The newest events of every stream, for replay with Last-Event-ID. A demo: stream ids are the
+    SDK's, which name a session's GET stream the same in every session, so it serves tests that use
+    one resumable session at a time."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._events: deque[tuple[str, str, JSONRPCMessage | None]] = deque(maxlen=limit)
+        self._count = 0
+
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
+        self._count += 1
+        self._events.append((str(self._count), stream_id, message))
+        return str(self._count)
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        events = list(self._events)
+        at = next((i for i, (event_id, _, _) in enumerate(events) if event_id == last_event_id), None)
+        if at is None:
+            return None
+        stream = events[at][1]
+        for event_id, stream_id, message in events[at + 1:]:
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
 
 
 def main() -> None:
@@ -97,4 +137,4 @@ def main() -> None:
     elif args.transport == "sse":
         server.run("sse", host=args.host, port=args.port)
     else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        server.run("streamable-http", host=args.host, port=args.port, event_store=MemoryEventStore())

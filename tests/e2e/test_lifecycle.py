@@ -10,9 +10,18 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import websockets
 
 from tests.conftest import start_tether
-from tests.support import RawClient, TetherUp, call_tool, process_exists, wait_process_gone, wait_until
+from tests.support import (
+    RawClient,
+    TetherUp,
+    call_tool,
+    initialize_message,
+    process_exists,
+    wait_process_gone,
+    wait_until,
+)
 
 IDLE = 1.0
 SCAN = 0.2
@@ -160,3 +169,20 @@ async def test_a_dropped_stream_frees_its_slot_at_once(raw: RawClient, tether: T
             return again.status == 200
 
     await wait_until(reopens, timeout=5, what="the GET stream slot freed after a disconnect")
+
+
+async def test_an_idle_websocket_keeps_its_session_alive(idle_raw: RawClient, short_idle: TetherUp) -> None:
+    url = short_idle.base_url.replace("http://", "ws://") + "/ws"
+    async with websockets.connect(url, subprotocols=[websockets.Subprotocol("mcp")]) as ws:
+        await ws.send(orjson.dumps(initialize_message()).decode())
+        await ws.recv()
+        await ws.send(orjson.dumps(call_tool(2, "whoami")).decode())
+        pid = orjson.loads(orjson.loads(await ws.recv())["result"]["content"][0]["text"])["pid"]
+        # A session with no stream, started now, is reaped after one idle timeout: by then the
+        # WebSocket's would have been too, but for its keep-alive pings.
+        control = await idle_raw.initialize()
+        await wait_process_gone((await idle_raw.whoami(control))["pid"], timeout=REAP_DEADLINE)
+        assert process_exists(pid)
+        await ws.send(orjson.dumps(call_tool(3, "increment")).decode())
+        assert orjson.loads(await ws.recv())["result"]["content"][0]["text"] == "1"
+    await wait_process_gone(pid, timeout=REAP_DEADLINE)  # closed with 1000: the session ends with it

@@ -8,6 +8,7 @@ Streamable HTTP, and over HTTP+SSE.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
+from actors.sse import Parser
 from tests.conftest import start_tether
 from tests.support import HttpMcpServer, RawClient, TetherUp, call_tool, initialize_message, wait_until
 
@@ -101,6 +103,7 @@ CLIENT_RUNS = {"streamable_http": via_streamable_http, "sse": via_sse, "websocke
 async def test_matrix(client: str, upstream: str, tethers: dict[str, TetherUp],
                       http: aiohttp.ClientSession) -> None:
     up = tethers[upstream]
+    deletes = up.log().count("upstream DELETE answered 200")
     counts, tools, sid = await CLIENT_RUNS[client](up)
     assert counts == ["1", "2", "3"]  # one session's state, kept across calls
     assert {"increment", "add_note", "whoami"} <= tools
@@ -110,3 +113,28 @@ async def test_matrix(client: str, upstream: str, tethers: dict[str, TetherUp],
         return (await raw.post(LIST, sid=sid, accept="application/json"))[0] == 404
 
     await wait_until(ended, 10, f"{client} session {sid} ended")
+    if upstream == "streamable_http":  # and its upstream session with it
+
+        async def deleted_upstream() -> bool:
+            return up.log().count("upstream DELETE answered 200") >= deletes + 1
+
+        await wait_until(deleted_upstream, 10, "DELETE sent to the upstream")
+
+
+async def test_the_upstream_get_stream_is_resumed_when_the_server_drops_it(tethers: dict[str, TetherUp],
+                                                                            http: aiohttp.ClientSession) -> None:
+    up = tethers["streamable_http"]
+    raw = RawClient(http, up.mcp_url)
+    sid = await raw.initialize()
+    async with http.get(up.mcp_url, headers={"Accept": "text/event-stream", "Mcp-Session-Id": sid}) as stream:
+        assert stream.status == 200
+        answer = await raw.call(sid, call_tool(5, "drop_stream_between"))
+        assert answer["result"]["content"][0]["text"] == "dropped"
+        parser, methods = Parser(), []
+        async with asyncio.timeout(15):
+            async for chunk in stream.content.iter_any():
+                methods += [orjson.loads(e.data).get("method") for e in parser.feed(chunk) if e.data]
+                if "notifications/resources/list_changed" in methods:
+                    break
+    # The second was sent while the server's stream was down: only a resumed stream carries it.
+    assert methods == ["notifications/tools/list_changed", "notifications/resources/list_changed"]
