@@ -198,7 +198,7 @@ class SessionActor:
         Raises `CursorExpired` if this reader falls so far behind that the log drops what it has not read."""
         me = object()
         if stream.reader is not None:
-            self._changed.set()  # wake the reader we replace, so it sees it is gone
+            self._notify()  # wake the reader we replace, so it sees it is gone
         stream.reader = me
         seq = after
         try:
@@ -286,6 +286,11 @@ class SessionActor:
         if self.log.lost > lost:
             self._on_dropped(self.log.lost - lost)
             log.warning("event_log.full", extra={"sid": self.tag, "count": self.log.limit})
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every reader. The event is replaced, never left set: a reader that waits on a set
+        event would not wait at all, and would spin."""
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -319,7 +324,7 @@ class SessionActor:
         for request_id in list(self.pending):
             self.deliver(error_response(request_id, CONNECTION_CLOSED, f"Session ended: {self.ended}"))
         self._closing = True
-        self._changed.set()  # readers see the session is over once they have what is left
+        self._notify()  # readers see the session is over once they have what is left
         for timer in self._timers.values():
             timer.cancel()
         await self._tasks.close()

@@ -7,6 +7,7 @@ the other gateway with Last-Event-ID.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 from typing import Any
@@ -141,3 +142,21 @@ async def test_websocket_needs_the_mcp_subprotocol(tether: TetherUp) -> None:
             pass
     assert refused.value.response.status_code == 400
     assert b"subprotocol 'mcp'" in refused.value.response.body
+
+
+async def test_a_resuming_reader_takes_the_stream_over_from_a_stale_one(tether: TetherUp,
+                                                                       http: aiohttp.ClientSession) -> None:
+    raw = RawClient(http, tether.mcp_url)
+    sid = await raw.initialize()
+    resume = headers(sid, **{"Last-Event-ID": "0-0"})
+    async with http.get(tether.mcp_url, headers=resume) as stale, http.get(tether.mcp_url, headers=resume) as fresh:
+        assert stale.status == fresh.status == 200
+        # The stale reader's stream ends (only its priming event was sent), rather than dangling.
+        assert [e.data for e in Parser().feed(await stale.content.read())] == [""]
+        answer = await raw.call(sid, call_tool(2, "announce_change"))  # the node still serves
+        assert answer["result"]["content"][0]["text"] == "announced"
+        parser, events = Parser(), []
+        async with asyncio.timeout(10):
+            while not any(e.data for e in events):
+                events += parser.feed(await fresh.content.readany())
+    assert [orjson.loads(e.data)["method"] for e in events if e.data] == ["notifications/tools/list_changed"]
