@@ -30,14 +30,14 @@ from actors.internal import (
     SESSIONS_PATH,
     VERSION_HEADER,
 )
-from actors.mcp import DEFAULT_HTTP_VERSION, PRIMING_SINCE, Kind, Message, check_message, kind_of
+from actors.mcp import DEFAULT_HTTP_VERSION, PRIMING_SINCE, Kind, Message, check_message, error_response, kind_of
 from actors.node import Declined, Node
 from actors.session import CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
 from actors.store.base import Store
 from tether.config import Config
-from tether.errors import BadRequest, CursorExpired, OwnershipConflict
+from tether.errors import INVALID_REQUEST, BadRequest, CursorExpired, Overloaded, OwnershipConflict, ParseError
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
@@ -50,7 +50,7 @@ def _parse(body: bytes) -> list[Message]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"Parse error: {exc}") from exc
+        raise ParseError(f"Parse error: the message is not valid JSON ({exc})") from exc
     return [check_message(m) for m in (data if isinstance(data, list) else [data])]
 
 
@@ -63,9 +63,11 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"Bad Request: {RESPONSE_HEADER} must be one of {', '.join(MODES)}")
     if request.headers.get(CREATE_HEADER):
         return await _create(request, node, sid, _parse(body) if body else [], mode)
-    messages = _parse(body)
     actor = node.live(sid)
     actor.lease.touch(node.clock())
+    if mode == CHANNEL:
+        return _to_channel(node, actor, body)
+    messages = _parse(body)
     stream = actor.submit(messages, mode)
     for message in messages:
         node.metrics.messages[kind_of(message).value].inc()
@@ -81,6 +83,22 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     finally:
         node.metrics.request_seconds.observe(node.clock() - started)
         actor.lease.touch(node.clock())
+
+
+def _to_channel(node: Node, actor: SessionActor, body: bytes) -> web.Response:
+    """A channel client's message: 202, and everything it is owed, errors too, on its channel, so
+    that a WebSocket client's message count stays the channel's event count."""
+    messages: list[Message] = []
+    try:
+        messages = _parse(body)
+        actor.submit(messages, CHANNEL)
+    except (BadRequest, Overloaded) as exc:
+        first = messages[0].get("id") if len(messages) == 1 else None
+        actor.report(error_response(first if isinstance(first, str | int) else None,
+                                    exc.rpc_code or INVALID_REQUEST, exc.message, exc.data))
+    for message in messages:
+        node.metrics.messages[kind_of(message).value].inc()
+    return web.Response(status=202)
 
 
 async def _create(request: web.Request, node: Node, sid: str, messages: list[Message],
@@ -134,11 +152,8 @@ async def _stream(request: web.Request, node: Node, actor: SessionActor, stream:
     node.metrics.streams_open.inc()
     try:
         async for item in actor.read(stream, after, node.config.keepalive_interval):
-            if item is None:
-                await response.write(PING)
-                actor.lease.touch(node.clock())  # it got through: the client is still there
-            else:
-                await response.write(event(item[1], event_id=item[0]))
+            await response.write(PING if item is None else event(item[1], event_id=item[0]))
+            actor.lease.touch(node.clock())  # it got through: the client is still there
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
     except ConnectionError:

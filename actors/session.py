@@ -53,14 +53,6 @@ class ActorLimits:
     request_timeout: float
 
 
-@dataclass
-class Owed:
-    """What one stream still owes its client: the answers to the requests it carries."""
-
-    expected: int = 0
-    tokens: tuple[object, ...] = ()
-
-
 class SessionActor:
     """Owns one session: its upstream, mailbox, event log and streams, and idle lease."""
 
@@ -77,8 +69,9 @@ class SessionActor:
         self.mailbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=limits.mailbox_depth)
         self.log = EventLog(limits.event_log_size)
         self.pending: dict[RequestId, StreamLog] = {}
-        self.tokens: dict[object, RequestId] = {}
-        self.owed: dict[int, Owed] = {}  # by stream number
+        self.tokens: dict[object, RequestId] = {}  # progress token -> the request that gave it
+        self._token_of: dict[RequestId, object] = {}
+        self.owed: dict[int, int] = {}  # answers each stream still owes, by stream number
         self.channel = False  # a WebSocket or HTTP+SSE session: every message goes on stream 0
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
@@ -117,6 +110,7 @@ class SessionActor:
         is full, `BadRequest` for a request id already in flight.
         """
         messages = [m for m in messages if not self._repeated_initialized(m)]
+        initialized = any(m.get("method") == "notifications/initialized" for m in messages)
         requests = [m for m in messages if kind_of(m) is Kind.REQUEST]
         ids = [m["id"] for m in requests]
         if len(set(ids)) != len(ids) or any(i in self.pending for i in ids):
@@ -129,6 +123,7 @@ class SessionActor:
             self._expect(request, stream or self.log.get_stream())
         for message in messages:
             self.mailbox.put_nowait(message)
+        self._initialized_sent = self._initialized_sent or initialized  # only once it is really queued
         return None if mode == CHANNEL else stream
 
     def _stream_for(self, mode: str) -> StreamLog:
@@ -143,12 +138,11 @@ class SessionActor:
     def _expect(self, request: Message, stream: StreamLog) -> None:
         request_id = request["id"]
         self.pending[request_id] = stream
-        owed = self.owed.setdefault(stream.stream, Owed())
-        owed.expected += 1
+        self.owed[stream.stream] = self.owed.get(stream.stream, 0) + 1
         token = progress_token(request)
         if isinstance(token, str | int):
             self.tokens[token] = request_id
-            owed.tokens += (token,)
+            self._token_of[request_id] = token
         loop = asyncio.get_running_loop()
         self._timers[request_id] = loop.call_later(self.limits.request_timeout, self._expire, request_id)
 
@@ -169,10 +163,12 @@ class SessionActor:
 
     def _repeated_initialized(self, message: Message) -> bool:
         """The upstream hears notifications/initialized once, however many clients share a named session."""
-        if message.get("method") != "notifications/initialized" or "id" in message:
-            return False
-        seen, self._initialized_sent = self._initialized_sent, True
-        return seen
+        return message.get("method") == "notifications/initialized" and "id" not in message \
+            and self._initialized_sent
+
+    def report(self, message: Message) -> None:
+        """Put a message of Tether's own (an error for a message the session refused) on the channel."""
+        self._append(self.log.get_stream(), message)
 
     def stream_to_read(self, cursor: EventId | None) -> tuple[StreamLog, int]:
         """The stream a GET reads and the seq it starts after.
@@ -205,8 +201,8 @@ class SessionActor:
             while stream.reader is me:
                 for number, message in stream.after(seq):
                     seq = number
-                    stream.delivered = max(stream.delivered, seq)
                     yield EventId(stream.stream, seq), message
+                    stream.delivered = max(stream.delivered, seq)  # the reader came back: it was written
                 if (stream.finished or self._closing) and seq >= stream.last_seq:
                     return
                 changed = self._changed
@@ -223,13 +219,9 @@ class SessionActor:
         """A JSON answer has been read, or its client has gone: nothing will resume it. Requests it
         still waits on are cancelled upstream, since their answers could reach no one."""
         for request_id in [r for r, s in self.pending.items() if s is stream]:
-            del self.pending[request_id]
-            if (timer := self._timers.pop(request_id, None)) is not None:
-                timer.cancel()
+            self._release(request_id)
             self._cancel_upstream(request_id, "Client went away")
-        if (owed := self.owed.pop(stream.stream, None)) is not None:
-            for token in owed.tokens:
-                self.tokens.pop(token, None)
+        self.owed.pop(stream.stream, None)
         self._json_streams.discard(stream.stream)
         self.log.discard(stream)
 
@@ -240,8 +232,9 @@ class SessionActor:
             message = await self.mailbox.get()
             try:
                 await self.upstream.send(message)
-            except UpstreamError as exc:
-                log.warning("upstream.send_failed", extra={"sid": self.tag, "detail": exc.message})
+            except Exception as exc:  # whatever it was, nothing more can reach the server: end the session
+                detail = exc.message if isinstance(exc, UpstreamError) else repr(exc)
+                log.warning("upstream.send_failed", extra={"sid": self.tag, "detail": detail})
                 self._exit("upstream_exit")
                 return
 
@@ -294,20 +287,23 @@ class SessionActor:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _settle(self, request_id: RequestId, stream: StreamLog) -> None:
+    def _release(self, request_id: RequestId) -> None:
+        """Forget a request: it is answered, or nobody waits for it any more."""
         del self.pending[request_id]
         if (timer := self._timers.pop(request_id, None)) is not None:
             timer.cancel()
-        owed = self.owed.get(stream.stream)
-        if owed is None:
+        if (token := self._token_of.pop(request_id, None)) is not None:
+            self.tokens.pop(token, None)
+
+    def _settle(self, request_id: RequestId, stream: StreamLog) -> None:
+        self._release(request_id)
+        owed = self.owed.get(stream.stream, 0) - 1
+        if owed > 0:
+            self.owed[stream.stream] = owed
             return
-        owed.expected -= 1
-        if owed.expected <= 0:
-            del self.owed[stream.stream]
-            for token in owed.tokens:
-                self.tokens.pop(token, None)
-            if stream.stream != 0:
-                self.log.finish(stream)
+        self.owed.pop(stream.stream, None)
+        if stream.stream != 0:
+            self.log.finish(stream)
 
     # -- ending ------------------------------------------------------------------
 

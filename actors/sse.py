@@ -58,6 +58,7 @@ class Parser:
         self._retry: int | None = None
         self._size = 0
         self.last_id: str | None = None  # the stream's last event id, for `Last-Event-ID`
+        self.dispatched = 0  # events parsed so far
 
     def feed(self, chunk: bytes) -> list[Event]:
         self._buffer += chunk
@@ -98,6 +99,7 @@ class Parser:
         if self._id is not None:
             self.last_id = self._id
         if self._data or self._id is not None:
+            self.dispatched += 1
             found = Event("\n".join(self._data), self._name or "message", self._id, self._retry)
         self._data, self._name, self._id, self._retry, self._size = [], "", None, None, 0
         return found

@@ -139,17 +139,15 @@ class StreamableHttpUpstream(_HttpUpstream):
         request_id = message.get("id") if "method" in message else None
         headers = {**self._headers(), "Content-Type": "application/json"}
         try:
-            resp = await self._client.post(self.url, data=orjson.dumps(message), headers=headers,
-                                           timeout=self._timeout(self._request_timeout + 5.0))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with self._client.post(self.url, data=orjson.dumps(message), headers=headers,
+                                         timeout=self._timeout(self._request_timeout + 5.0)) as resp:
+                if message.get("method") == "initialize" and resp.status == 200:
+                    self.session_id = resp.headers.get(SESSION_HEADER)
+                await self._answer(message, request_id, resp)
+        except (aiohttp.ClientError, TimeoutError, UpstreamError, ValueError) as exc:
             if message.get("method") == "initialize":
-                raise UpstreamError(f"Cannot reach upstream {self.url}: {exc!r}") from exc
-            self._fail(message, f"Upstream {self.url} cannot be reached: {exc!r}")
-            return
-        async with resp:
-            if message.get("method") == "initialize" and resp.status == 200:
-                self.session_id = resp.headers.get(SESSION_HEADER)
-            await self._answer(message, request_id, resp)
+                raise UpstreamError(f"Cannot open a session on upstream {self.url}: {exc!r}") from exc
+            self._fail(message, f"Upstream {self.url} failed: {exc!r}")
 
     async def _answer(self, message: Mapping[str, Any], request_id: RequestId | None,
                       resp: aiohttp.ClientResponse) -> None:
@@ -211,18 +209,21 @@ class StreamableHttpUpstream(_HttpUpstream):
             headers = self._headers("text/event-stream")
             if parser.last_id is not None:
                 headers["Last-Event-ID"] = parser.last_id
+            seen = parser.dispatched
             try:
                 async with self._client.get(self.url, headers=headers, timeout=self._timeout()) as resp:
-                    if resp.status == 405:
-                        return  # the server offers no GET stream
                     if resp.status == 404:
                         self._gone("the server no longer knows this session (404 on GET)")
                         return
+                    if 400 <= resp.status < 500:  # 405: it offers none; others: it will not give us one
+                        log.warning("upstream.no_stream", extra={"detail": f"{self.url}: GET {resp.status}"})
+                        return  # the session goes on without the server's GET stream
                     if resp.status == 200:
-                        failures = 0
                         await self._events(resp, parser, None)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, UpstreamError) as exc:
                 log.info("upstream.stream_dropped", extra={"detail": f"{self.url}: {exc!r}"})
+            if parser.dispatched > seen:
+                failures = 0  # it carried events: a drop after a working stream starts the count again
             failures += 1
             if failures > MAX_RECONNECTS:
                 self._gone(f"its GET stream failed {MAX_RECONNECTS} times in a row")

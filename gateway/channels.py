@@ -6,6 +6,11 @@ relays the node's stream for it (the same event-id'd stream Streamable HTTP
 clients read), and sends what the client says to the node as POSTs, which
 the node answers with 202: the answers come back on the channel.
 
+Every frame a WebSocket client receives is an event of the session's channel
+(the node answers even a malformed frame with an error there), so the count
+of frames received is its cursor. When the gateway cannot reach the node, it
+closes the WebSocket (1011) rather than answer itself.
+
 A client that loses its channel comes back to the same session, through any
 gateway: WebSocket with `Mcp-Session-Id` (header, or `session_id` in the
 query) and `Last-Event-ID` (header or `last_event_id`, the count of messages
@@ -18,18 +23,16 @@ import asyncio
 import logging
 
 import aiohttp
-import orjson
 from aiohttp import WSMsgType, web
 
 from actors.http import error_answer
 from actors.internal import RESPONSE_HEADER
-from actors.mcp import error_response
 from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import Parser, endpoint
 from gateway import rules
 from gateway.app import GATEWAY_KEY, SESSION_HEADER, Gateway, as_error, done_with, read_body
-from tether.errors import PARSE_ERROR, BadRequest, SessionNotFound, TetherError
+from tether.errors import BadRequest, SessionNotFound, TetherError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet
 
@@ -51,12 +54,18 @@ def _cursor(request: web.Request) -> dict[str, str]:
 
 async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tuple[str, aiohttp.ClientResponse]:
     """The session's channel stream from its node: an existing session's (resumed), or a new one's."""
+    created = sid is None
     if sid is None:
         sid = await gw.create_channel()
-    resp = await gw.call("GET", sid, headers=_cursor(request))
-    if resp.status != 200:
-        async with resp:
-            raise await as_error(resp)
+    try:
+        resp = await gw.call("GET", sid, headers=_cursor(request))
+        if resp.status != 200:
+            async with resp:
+                raise await as_error(resp)
+    except TetherError:
+        if created:  # nobody will ever reach the session just made: do not leave it to idle out
+            gw.end_later(sid)
+        raise
     return sid, resp
 
 
@@ -125,10 +134,16 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     if ready.protocol != WS_SUBPROTOCOL:
         raise BadRequest(f"Bad Request: a WebSocket client must offer the subprotocol {WS_SUBPROTOCOL!r}")
     sid = rules.session_id(request.headers.get(SESSION_HEADER)) or request.query.get("session_id")
+    created = sid is None
     sid, resp = await _open_stream(gw, sid, request)
     try:
         ws.headers[SESSION_HEADER] = sid
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except (ConnectionError, web.HTTPException):
+            if created:
+                gw.end_later(sid)
+            raise
         gauge = gw.metrics.streams_open.labels("websocket")
         gauge.inc()
         try:
@@ -173,24 +188,19 @@ async def _node_to_client(resp: aiohttp.ClientResponse, ws: web.WebSocketRespons
 
 
 async def _client_to_node(gw: Gateway, sid: str, ws: web.WebSocketResponse) -> tuple[int, str]:
-    """Each text frame, in order, to the node. A bad frame gets a JSON-RPC error frame, nothing more."""
+    """Each text frame, in order, to the node, as it came: the node answers a bad one with an error on
+    the channel, so every frame the client gets is an event of the channel and its count a cursor."""
     async for frame in ws:
         if frame.type == WSMsgType.BINARY:
             return CLOSE_UNSUPPORTED, "MCP over WebSocket takes one JSON-RPC message per text frame"
         if frame.type != WSMsgType.TEXT:
             continue
-        body = frame.data.encode()
-        post: rules.Post | None = None
         try:
-            post = rules.parse_post(body, LEGACY_VERSION)
-            await _to_channel(gw, sid, body)
+            await _to_channel(gw, sid, frame.data.encode())
         except SessionNotFound:
             return CLOSE_ENDED, "session ended"
-        except TetherError as exc:
-            request_id = post.first_id if post and not post.batch else None
-            request_id = request_id if isinstance(request_id, str | int) else None
-            code = exc.rpc_code if exc.rpc_code is not None else PARSE_ERROR
-            await ws.send_str(orjson.dumps(error_response(request_id, code, exc.message, exc.data)).decode())
+        except TetherError as exc:  # the node could not be reached: the client may reattach later
+            return CLOSE_LOST, f"{exc.message}"[:120]
     if ws.close_code == CLOSE_ENDED:  # the client said goodbye; after a mere drop it may come back
         gw.end_later(sid)  # now: the handler may be cancelled as soon as the client's socket closes
         return CLOSE_ENDED, "client closed the session"

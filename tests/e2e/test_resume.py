@@ -123,8 +123,11 @@ async def test_a_dropped_websocket_reattaches_and_gets_what_it_missed(tether: Te
         await ws.send(orjson.dumps(initialize_message()).decode())
         await ws.recv()
         await ws.send(orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).decode())
+        await ws.send("{not json")  # answered on the channel too: it counts like any message
+        error = orjson.loads(await ws.recv())
+        assert error["error"]["code"] == -32700 and error["id"] is None
         await ws.send(orjson.dumps(slow_count(5, steps=STEPS, interval=0.02)).decode())
-        received = [orjson.loads(await ws.recv()) for _ in range(4)]  # initialize's answer was message 1
+        received = [error, *[orjson.loads(await ws.recv()) for _ in range(4)]]  # after initialize's answer
         ws.transport.abort()  # the network drops: no close frame, so the session waits for us
     async with websockets.connect(f"{url}?session_id={sid}&last_event_id={1 + len(received)}",
                                   subprotocols=mcp) as ws:
