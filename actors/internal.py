@@ -29,5 +29,4 @@ def session_path(sid: str) -> str:
     return f"{SESSIONS_PATH}/{sid}"
 
 RESPONSE_HEADER = "X-Tether-Response"  # "sse", "json" or "channel": how the client takes its answers
-VERSION_HEADER = "MCP-Protocol-Version"  # the client's, passed on: it decides the priming event
 BATCH_HEADER = "X-Tether-Batch"  # "1" when the client sent a JSON-RPC batch

@@ -13,6 +13,10 @@ from typing import Any
 
 from tether.errors import BadRequest
 
+# The protocol's HTTP headers, as the transports name them.
+SESSION_HEADER = "Mcp-Session-Id"
+VERSION_HEADER = "MCP-Protocol-Version"
+
 # Revisions that open a session with `initialize` (the session era).
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 # Revisions served over Streamable HTTP with a session id.

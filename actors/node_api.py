@@ -28,9 +28,17 @@ from actors.internal import (
     NODE_HEADER,
     RESPONSE_HEADER,
     SESSIONS_PATH,
-    VERSION_HEADER,
 )
-from actors.mcp import DEFAULT_HTTP_VERSION, PRIMING_SINCE, Kind, Message, check_message, error_response, kind_of
+from actors.mcp import (
+    DEFAULT_HTTP_VERSION,
+    PRIMING_SINCE,
+    VERSION_HEADER,
+    Kind,
+    Message,
+    check_message,
+    error_response,
+    kind_of,
+)
 from actors.node import Declined, Node
 from actors.session import CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS

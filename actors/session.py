@@ -75,7 +75,6 @@ class SessionActor:
         self.channel = False  # a WebSocket or HTTP+SSE session: every message goes on stream 0
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
-        self._json_streams: set[int] = set()
         self._timers: dict[RequestId, asyncio.TimerHandle] = {}
         self._changed = asyncio.Event()  # set (and replaced) whenever any stream gets an event
         self._initialized_sent = False
@@ -130,10 +129,7 @@ class SessionActor:
         if mode == CHANNEL:
             self.channel = True
             return self.log.get_stream()
-        stream = self.log.open(logged=mode == SSE)
-        if mode == JSON:
-            self._json_streams.add(stream.stream)
-        return stream
+        return self.log.open(logged=mode == SSE)  # a JSON answer is never replayed, so never logged
 
     def _expect(self, request: Message, stream: StreamLog) -> None:
         request_id = request["id"]
@@ -222,7 +218,6 @@ class SessionActor:
             self._release(request_id)
             self._cancel_upstream(request_id, "Client went away")
         self.owed.pop(stream.stream, None)
-        self._json_streams.discard(stream.stream)
         self.log.discard(stream)
 
     # -- upstream side -----------------------------------------------------------
@@ -257,7 +252,7 @@ class SessionActor:
         """Put one upstream message on exactly one client stream."""
         destination = route_upstream(message, self.pending, self.tokens, related=related, sole=self._sole())
         stream = self.pending.get(destination.request_id) if destination.request_id is not None else None
-        if stream is None or (stream.stream in self._json_streams and not destination.final):
+        if stream is None or (not stream.logged and not destination.final):
             stream = self.log.get_stream()  # a JSON answer carries responses only
         self._append(stream, message)
         if destination.final:
@@ -267,7 +262,7 @@ class SessionActor:
         """The one request running with an SSE stream of its own, if exactly one is."""
         found = None
         for request_id, stream in self.pending.items():
-            if stream.stream != 0 and stream.stream not in self._json_streams:
+            if stream.stream != 0 and stream.logged:
                 if found is not None:
                     return None
                 found = request_id

@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 import aiohttp
 import orjson
 
-from actors.mcp import RequestId, error_response
+from actors.mcp import SESSION_HEADER, VERSION_HEADER, RequestId, error_response
 from actors.sse import Parser
 from actors.upstream import Inbound
 from tether.errors import INTERNAL_ERROR, UpstreamError
@@ -29,8 +29,6 @@ from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
 
-SESSION_HEADER = "Mcp-Session-Id"
-VERSION_HEADER = "MCP-Protocol-Version"
 ACCEPT_BOTH = "application/json, text/event-stream"
 RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # between tries to get a dropped stream back
 MAX_RECONNECTS = 8  # tries in a row before the server counts as gone

@@ -26,7 +26,7 @@ from actors.internal import (
     INCARNATION_HEADER,
     RESPONSE_HEADER,
 )
-from actors.mcp import MODERN_VERSIONS
+from actors.mcp import MODERN_VERSIONS, SESSION_HEADER, VERSION_HEADER
 from actors.placement import Placement
 from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
@@ -51,8 +51,6 @@ from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.gateway")
 
-SESSION_HEADER = "Mcp-Session-Id"
-VERSION_HEADER = "MCP-Protocol-Version"
 MCP_PATH = "/mcp"
 TRANSPORT = "streamable_http"
 # The transport label of each client path (the channel transports' paths are in gateway.channels).

@@ -27,11 +27,12 @@ from aiohttp import WSMsgType, web
 
 from actors.http import error_answer
 from actors.internal import RESPONSE_HEADER
+from actors.mcp import SESSION_HEADER
 from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import Parser, endpoint
 from gateway import rules
-from gateway.app import GATEWAY_KEY, SESSION_HEADER, Gateway, as_error, done_with, read_body
+from gateway.app import GATEWAY_KEY, Gateway, as_error, done_with, read_body
 from tether.errors import BadRequest, SessionNotFound, TetherError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet

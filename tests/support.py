@@ -256,42 +256,29 @@ class RedisServer:
 
 @dataclass
 class HttpMcpServer:
-    """An MCP server over HTTP on a loopback port (the demo, or any command taking {port}); stopped by PID."""
+    """The demo MCP server over HTTP on a free loopback port, read from the line it prints once it
+    listens; stopped by its PID."""
 
-    argv: list[str]  # "{port}" in it is replaced by the port
-    path: str  # /mcp or /sse
-    port: int = 0
+    transport: str  # streamable-http or sse
+    url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
-
-    @classmethod
-    def demo(cls, transport: str) -> HttpMcpServer:
-        return cls([sys.executable, "-m", "tether_demo", "--transport", transport, "--port", "{port}"],
-                   "/sse" if transport == "sse" else "/mcp")
-
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> HttpMcpServer:
-        import socket
-
-        for _ in range(5):  # a free port can be taken between the probe and the bind: try another
-            self.port = free_port()
-            self.process = subprocess.Popen([a.replace("{port}", str(self.port)) for a in self.argv],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            stdin=subprocess.DEVNULL, env=env)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.process.poll() is None:
-                with socket.socket() as probe:
-                    if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return self
-                time.sleep(0.05)
+    def start(self, timeout: float = 30.0) -> HttpMcpServer:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tether_demo", "--transport", self.transport, "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        out = read_until(self.process, b"tether_demo listening on", timeout)
+        if out is None:
             self.stop()
-        raise RuntimeError(f"{self.argv} did not start listening")
+            raise RuntimeError(f"the demo server ({self.transport}) did not start listening")
+        self.url = out.split(b"listening on ", 1)[1].split()[0].decode()
+        return self
 
     def stop(self) -> None:
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.terminate()
             self.process.wait(10)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
             self.process = None

@@ -14,9 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import anyio
+import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp_types import JSONRPCMessage
+from starlette.applications import Starlette
 
 server = MCPServer("tether-demo", instructions="A stateful demo server: counter, notes, whoami.")
 
@@ -128,13 +130,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tether_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--transport", choices=("stdio", "streamable-http", "sse"), default="stdio")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free one (printed at start)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("mcp").setLevel(logging.WARNING)
     if args.transport == "stdio":
         server.run("stdio")
     elif args.transport == "sse":
-        server.run("sse", host=args.host, port=args.port)
+        _serve_http(server.sse_app(host=args.host), args.host, args.port, "/sse")
     else:
-        server.run("streamable-http", host=args.host, port=args.port, event_store=MemoryEventStore())
+        app = server.streamable_http_app(host=args.host, event_store=MemoryEventStore())
+        _serve_http(app, args.host, args.port, "/mcp")
+
+
+def _serve_http(app: Starlette, host: str, port: int, path: str) -> None:
+    """Serve `app` on host:port; once the socket listens, print its URL on stdout (a line to wait for)."""
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    bound = sock.getsockname()[1]
+    print(f"tether_demo listening on http://{f'[{host}]' if ':' in host else host}:{bound}{path}", flush=True)
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    anyio.run(uvicorn_server.serve, [sock])

@@ -46,6 +46,14 @@ async def read_events(resp: aiohttp.ClientResponse, parser: Parser, found: list[
             return
 
 
+async def count_to_the_end(http: aiohttp.ClientSession, url: str, sid: str, steps: int) -> str:
+    """Run count_slowly with no pauses, reading its POST stream to the end; returns the stream's number."""
+    async with http.post(url, data=orjson.dumps(slow_count(3, steps=steps, interval=0)), headers=headers(sid)) as resp:
+        events: list[Event] = []
+        await read_events(resp, Parser(), events)
+    return events[-1].id.split("-")[0]  # type: ignore[union-attr]
+
+
 def progress_and_result(events: list[Event]) -> tuple[list[float], list[Any]]:
     messages = [orjson.loads(e.data) for e in events if e.data]
     progress = [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
@@ -84,11 +92,7 @@ async def test_a_cut_stream_resumes_through_the_other_gateway(make_topology: Mak
 async def test_a_resumed_stream_can_be_resumed_again_from_any_point(tether: TetherUp,
                                                                    http: aiohttp.ClientSession) -> None:
     sid = await RawClient(http, tether.mcp_url).initialize()
-    async with http.post(tether.mcp_url, data=orjson.dumps(slow_count(3, steps=5, interval=0)),
-                         headers=headers(sid)) as resp:
-        events: list[Event] = []
-        await read_events(resp, Parser(), events)
-    stream = events[-1].id.split("-")[0]  # type: ignore[union-attr]
+    stream = await count_to_the_end(http, tether.mcp_url, sid, steps=5)
     async with http.get(tether.mcp_url, headers=headers(sid, **{"Last-Event-ID": f"{stream}-2"})) as resp:
         replayed: list[Event] = []
         await read_events(resp, Parser(), replayed)
@@ -99,11 +103,7 @@ async def test_a_cursor_older_than_the_log_is_410_not_a_gap(tmp_path: Any, http:
     up = start_tether(tmp_path, "--event-log-size", "4")
     try:
         sid = await RawClient(http, up.mcp_url).initialize()
-        async with http.post(up.mcp_url, data=orjson.dumps(slow_count(3, steps=10, interval=0)),
-                             headers=headers(sid)) as resp:
-            events: list[Event] = []
-            await read_events(resp, Parser(), events)
-        stream = events[-1].id.split("-")[0]  # type: ignore[union-attr]
+        stream = await count_to_the_end(http, up.mcp_url, sid, steps=10)
         async with http.get(up.mcp_url, headers=headers(sid, **{"Last-Event-ID": f"{stream}-1"})) as resp:
             assert resp.status == 410
             error = (await resp.json())["error"]

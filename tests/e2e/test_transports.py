@@ -33,7 +33,7 @@ LIST = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
 @pytest.fixture(scope="module")
 def tethers(tmp_path_factory: pytest.TempPathFactory, tether: TetherUp) -> Iterator[dict[str, TetherUp]]:
     """A Tether per upstream kind: the shared stdio one, and one in front of each HTTP demo server."""
-    servers = {kind: HttpMcpServer.demo(kind.replace("_", "-")).start() for kind in ("streamable_http", "sse")}
+    servers = {kind: HttpMcpServer(kind.replace("_", "-")).start() for kind in ("streamable_http", "sse")}
     ups = {kind: start_tether(tmp_path_factory.mktemp(kind), "--upstream-url", server.url)
            for kind, server in servers.items()}
     try:
