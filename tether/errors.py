@@ -23,6 +23,7 @@ class TetherError(Exception):
     status: int = 500
     rpc_code: int | None = INTERNAL_ERROR
     retry_after: float | None = None
+    headers: dict[str, str] = {}  # noqa: RUF012 - replaced per instance, never mutated
 
     def __init__(self, message: str, *, data: object = None) -> None:
         super().__init__(message)
@@ -53,6 +54,24 @@ class HeaderMismatch(BadRequest):
     """2026-07-28: a header that mirrors the body is missing, malformed, or says something else."""
 
     rpc_code = HEADER_MISMATCH
+
+
+class Unauthorized(TetherError):
+    """No credentials, or credentials that do not hold; `challenge` is the WWW-Authenticate value."""
+
+    status = 401
+    rpc_code = None
+
+    def __init__(self, message: str, *, challenge: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class RequestTimeout(TetherError):
+    """The client took longer than allowed to send its request."""
+
+    status = 408
+    rpc_code = None
 
 
 class Forbidden(TetherError):
@@ -114,6 +133,12 @@ class Overloaded(TetherError):
         self.retry_after = retry_after
         if status is not None:
             self.status = status
+
+
+class QuotaExceeded(Overloaded):
+    """A principal is over one of its quotas (sessions, request rate)."""
+
+    status = 429
 
 
 class UpstreamError(TetherError):

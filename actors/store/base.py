@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from tether.errors import QuotaExceeded
+
+QUOTA_RETRY = 5.0  # seconds a principal at its session quota is told to wait
+
 
 @dataclass(frozen=True)
 class NodeRecord:
@@ -52,13 +56,28 @@ class OwnershipRecord:
     node_id: str
     epoch: int
     incarnation: str = ""  # of the owning node when it was granted
+    principal: str = ""  # whose session quota it counts against ("" when none is kept)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OwnershipRecord:
-        return cls(str(data["key"]), str(data["node_id"]), int(data["epoch"]), str(data.get("incarnation", "")))
+        return cls(str(data["key"]), str(data["node_id"]), int(data["epoch"]), str(data.get("incarnation", "")),
+                   str(data.get("principal", "")))
+
+
+@dataclass(frozen=True)
+class Quota:
+    """At most `limit` live keys granted for `principal` (a tag), across every node."""
+
+    principal: str
+    limit: int
+
+
+def quota_exceeded(quota: Quota) -> QuotaExceeded:
+    return QuotaExceeded(f"Too Many Requests: this principal already holds {quota.limit} live sessions, its "
+                         "limit (max_sessions_per_principal); end one first", retry_after=QUOTA_RETRY, status=429)
 
 
 class Store(Protocol):
@@ -82,10 +101,12 @@ class Store(Protocol):
     async def wait_for_change(self, timeout: float) -> None:
         """Return when membership may have changed, or after `timeout` seconds."""
 
-    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
-        """Make `node_id` the owner of `key` with a fresh epoch.
+    async def grant(self, key: str, node_id: str, incarnation: str = "",
+                    quota: Quota | None = None) -> OwnershipRecord:
+        """Make `node_id` the owner of `key` with a fresh epoch, counted against `quota` if given.
 
-        Raises `OwnershipConflict` if a live node already owns the key.
+        Raises `OwnershipConflict` if a live node already owns the key, `QuotaExceeded`
+        if the quota's principal already holds `limit` live keys.
         """
 
     async def reassert(self, record: OwnershipRecord) -> bool:

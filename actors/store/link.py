@@ -17,8 +17,8 @@ import orjson
 from aiohttp import web
 
 from actors.internal import SECRET_HEADER, STORE_PATH, authorized
-from actors.store.base import Membership, NodeRecord, OwnershipRecord, Store
-from tether.errors import LeaseLost, OwnershipConflict, StoreError
+from actors.store.base import QUOTA_RETRY, Membership, NodeRecord, OwnershipRecord, Quota, Store
+from tether.errors import LeaseLost, OwnershipConflict, QuotaExceeded, StoreError
 
 Op = Callable[[Store, dict[str, Any]], Awaitable[Any]]
 
@@ -38,7 +38,9 @@ async def _membership(store: Store, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _grant(store: Store, body: dict[str, Any]) -> dict[str, Any]:
-    return (await store.grant(str(body["key"]), str(body["node_id"]), str(body.get("incarnation", "")))).to_dict()
+    quota = Quota(str(body["quota"]["principal"]), int(body["quota"]["limit"])) if body.get("quota") else None
+    record = await store.grant(str(body["key"]), str(body["node_id"]), str(body.get("incarnation", "")), quota)
+    return record.to_dict()
 
 
 async def _lookup(store: Store, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -77,6 +79,8 @@ def store_routes(store: Store, secret: str) -> list[web.RouteDef]:
             return web.json_response({"error": exc.message, "kind": "conflict"}, status=409)
         except LeaseLost as exc:
             return web.json_response({"error": exc.message, "kind": "lease_lost"}, status=409)
+        except QuotaExceeded as exc:
+            return web.json_response({"error": exc.message}, status=429)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
             return web.json_response({"error": f"bad store request: {exc!r}"}, status=400)
         return web.Response(body=orjson.dumps({"result": result}), content_type="application/json")
@@ -108,6 +112,8 @@ class StoreLink:
         if resp.status == 409:
             error = LeaseLost if payload.get("kind") == "lease_lost" else OwnershipConflict
             raise error(payload.get("error", "conflict"))
+        if resp.status == 429:
+            raise QuotaExceeded(payload.get("error", "quota"), retry_after=QUOTA_RETRY, status=429)
         if resp.status != 200:
             raise StoreError(f"Cannot {op} at the store {self._base}: {resp.status} {payload.get('error')}")
         return payload["result"]
@@ -124,8 +130,10 @@ class StoreLink:
                           str(data.get("store_id", "")),
                           float("inf") if data.get("store_age") is None else float(data["store_age"]))
 
-    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
-        body = {"key": key, "node_id": node_id, "incarnation": incarnation}
+    async def grant(self, key: str, node_id: str, incarnation: str = "",
+                    quota: Quota | None = None) -> OwnershipRecord:
+        body = {"key": key, "node_id": node_id, "incarnation": incarnation,
+                "quota": {"principal": quota.principal, "limit": quota.limit} if quota else None}
         return OwnershipRecord.from_dict(await self._call("grant", body))
 
     async def wait_for_change(self, timeout: float) -> None:

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from actors.store.base import Membership, NodeRecord, OwnershipRecord
+from actors.store.base import Membership, NodeRecord, OwnershipRecord, Quota, quota_exceeded
 from tether.errors import LeaseLost, OwnershipConflict
 
 
@@ -20,6 +20,7 @@ class MemoryStore:
         self._nodes: dict[str, tuple[NodeRecord, float]] = {}  # node_id -> (record, deadline)
         self._owners: dict[str, OwnershipRecord] = {}
         self._keys_of: dict[str, set[str]] = {}  # node_id -> keys it owns, to drop them when it goes
+        self._keys_for: dict[str, set[str]] = {}  # principal -> keys granted under a quota
         self._generation = 0
         # One counter for every grant: per key it still only grows, and it costs no memory per key.
         self._epoch = 0
@@ -88,6 +89,7 @@ class MemoryStore:
             record = self._owners.get(key)
             if record is not None and record.node_id == node_id:
                 del self._owners[key]
+                self._unquota(record)
 
     async def membership(self) -> Membership:
         self._expire()
@@ -95,14 +97,21 @@ class MemoryStore:
         # No store_age: an in-process store is born with its gateway, so there is nothing to wait for.
         return Membership(self._generation, nodes, self.store_id)
 
-    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
+    async def grant(self, key: str, node_id: str, incarnation: str = "",
+                    quota: Quota | None = None) -> OwnershipRecord:
         self._expire()
         current = self._owners.get(key)
         holder = self._nodes.get(current.node_id) if current is not None else None
         if current is not None and holder is not None and holder[0].incarnation == current.incarnation:
             raise OwnershipConflict(f"Cannot grant {key[:8]}... to {node_id}: {current.node_id} owns it")
+        if quota is not None:
+            held = self._keys_for.setdefault(quota.principal, set())
+            held -= {k for k in held if k not in self._owners or k == key}  # keys whose owner died
+            if len(held) >= quota.limit:
+                raise quota_exceeded(quota)
+            held.add(key)
         self._epoch += 1
-        record = OwnershipRecord(key, node_id, self._epoch, incarnation)
+        record = OwnershipRecord(key, node_id, self._epoch, incarnation, quota.principal if quota else "")
         if current is not None:
             self._keys_of.get(current.node_id, set()).discard(key)
         self._owners[key] = record
@@ -125,8 +134,16 @@ class MemoryStore:
         if self._owners.get(record.key) == record:
             del self._owners[record.key]
             self._keys_of.get(record.node_id, set()).discard(record.key)
+            self._unquota(record)
             return True
         return False
+
+    def _unquota(self, record: OwnershipRecord) -> None:
+        held = self._keys_for.get(record.principal)
+        if held is not None:
+            held.discard(record.key)
+            if not held:
+                del self._keys_for[record.principal]
 
     async def close(self) -> None:
         return None

@@ -12,10 +12,14 @@ Cluster; the client here connects to one Redis (a primary, or a proxy in front o
     {tether}:instance     STRING  "ID:BORN_MS", set when this data set was born; a new ID means Redis
                                   lost its data (a restart without persistence): gateways then wait a
                                   TTL for nodes to re-register and re-assert before calling sessions gone
-    tether:{KEY}:owner    HASH    node, incarnation, epoch (no TTL: removed by release or the janitor)
+    tether:{KEY}:owner    HASH    node, incarnation, epoch, principal (no TTL: removed by release or the janitor)
     tether:{KEY}:epoch    STRING  only ever INCR'd, never given a TTL; removed with the owner on release,
                                   except for named sessions (key-affinity), whose epochs outlive them
     tether:{NODE}:owned   SET     keys granted to a node: the janitor's index
+    tether:{p:PRINCIPAL}:keys SET keys granted under a principal's session quota; a member whose owner
+                                  record is gone (released, or swept by the janitor) is dropped when the
+                                  quota is next counted. The count reads owner keys of other slots: with
+                                  a quota, use one Redis, not a Cluster
     channel tether:membership     the new generation, published on every change
 
 Every write that decides ownership or membership is a Lua script that compares
@@ -38,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from actors.ids import is_named
-from actors.store.base import Membership, NodeRecord, OwnershipRecord
+from actors.store.base import Membership, NodeRecord, OwnershipRecord, Quota, quota_exceeded
 from tether.errors import LeaseLost, OwnershipConflict, StoreError
 from tether.tasks import TaskSet
 
@@ -143,16 +147,31 @@ end
 return 0
 """
 
-# KEYS[1] owner, KEYS[2] epoch
-# ARGV[1] node, ARGV[2] incarnation, ARGV[3] node and ARGV[4] incarnation of a dead owner it may replace
-# Grants the key with the next epoch unless someone else holds it (TETHER_OWNED). Returns the epoch.
+# KEYS[1] owner, KEYS[2] epoch, KEYS[3] the principal's quota set
+# ARGV[1] node, ARGV[2] incarnation, ARGV[3] node and ARGV[4] incarnation of a dead owner it may replace,
+# ARGV[5] the key, ARGV[6] the principal's limit (0: no quota), ARGV[7] the principal ('' for none)
+# Grants the key with the next epoch unless someone else holds it (TETHER_OWNED) or the principal holds
+# its limit of live keys (TETHER_QUOTA). Returns the epoch.
 GRANT = """
 local cur = redis.call('HMGET', KEYS[1], 'node', 'incarnation')
 if cur[1] and not (cur[1] == ARGV[3] and cur[2] == ARGV[4]) then
   return redis.error_reply('TETHER_OWNED')
 end
+local limit = tonumber(ARGV[6])
+if limit > 0 then
+  local live = 0
+  for _, k in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    if k ~= ARGV[5] and redis.call('EXISTS', 'tether:{' .. k .. '}:owner') == 1 then
+      live = live + 1
+    else
+      redis.call('SREM', KEYS[3], k)
+    end
+  end
+  if live >= limit then return redis.error_reply('TETHER_QUOTA') end
+  redis.call('SADD', KEYS[3], ARGV[5])
+end
 local epoch = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', epoch)
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', epoch, 'principal', ARGV[7])
 return epoch
 """
 
@@ -169,7 +188,7 @@ end
 return 0
 """
 
-# KEYS[1] owner, KEYS[2] epoch; ARGV[1] node, ARGV[2] incarnation, ARGV[3] epoch
+# KEYS[1] owner, KEYS[2] epoch; ARGV[1] node, ARGV[2] incarnation, ARGV[3] epoch, ARGV[4] principal
 # Puts back a record Redis lost (a restart without persistence), keeping its epoch and never letting
 # the epoch key go back. Returns 1 if the record is (now) this owner's, 0 if someone else holds it.
 REASSERT = """
@@ -179,7 +198,7 @@ if cur[1] then
   return 0
 end
 if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', ARGV[3])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'incarnation', ARGV[2], 'epoch', ARGV[3], 'principal', ARGV[4])
 return 1
 """
 
@@ -200,6 +219,10 @@ def epoch_key(key: str) -> str:
 
 def owned_key(node_id: str) -> str:
     return f"tether:{{{node_id}}}:owned"
+
+
+def quota_key(principal: str) -> str:
+    return f"tether:{{p:{principal}}}:keys"
 
 
 class RedisStore:
@@ -273,7 +296,8 @@ class RedisStore:
                 await self._call("unindex a record", self._redis.srem(index, key))
         log.info("store.swept", extra={"node": gone.node_id, "incarnation": gone.incarnation, "count": len(keys)})
 
-    async def grant(self, key: str, node_id: str, incarnation: str = "") -> OwnershipRecord:
+    async def grant(self, key: str, node_id: str, incarnation: str = "",
+                    quota: Quota | None = None) -> OwnershipRecord:
         current = await self.lookup(key)
         replace = ("", "")
         if current is not None:  # rare (named keys, or a dead owner's leftovers): read who lives now
@@ -282,30 +306,41 @@ class RedisStore:
                 raise OwnershipConflict(f"Cannot grant {key[:8]}... to {node_id}: {current.node_id} owns it")
             replace = (current.node_id, current.incarnation)  # a dead owner: fenced out by the new epoch
         await self._call("index a grant", self._redis.sadd(owned_key(node_id), key))
-        epoch = await self._call(f"grant {key[:8]}...", self._grant(
-            keys=[owner_key(key), epoch_key(key)], args=[node_id, incarnation, *replace]))
-        return OwnershipRecord(key, node_id, int(epoch), incarnation)
+        principal, limit = (quota.principal, quota.limit) if quota else ("", 0)
+        try:
+            epoch = await self._call(f"grant {key[:8]}...", self._grant(
+                keys=[owner_key(key), epoch_key(key), quota_key(principal)],
+                args=[node_id, incarnation, *replace, key, limit, principal]))
+        except StoreError as exc:
+            if quota is not None and "TETHER_QUOTA" in exc.message:
+                raise quota_exceeded(quota) from exc
+            raise
+        return OwnershipRecord(key, node_id, int(epoch), incarnation, principal)
 
     async def reassert(self, record: OwnershipRecord) -> bool:
         held = await self._call(f"re-assert {record.key[:8]}...", self._reassert(
             keys=[owner_key(record.key), epoch_key(record.key)],
-            args=[record.node_id, record.incarnation, record.epoch]))
+            args=[record.node_id, record.incarnation, record.epoch, record.principal]))
         if held:
             await self._call("index a re-assert", self._redis.sadd(owned_key(record.node_id), record.key))
+            if record.principal:
+                await self._call("recount a re-assert", self._redis.sadd(quota_key(record.principal), record.key))
         return bool(held)
 
     async def lookup(self, key: str) -> OwnershipRecord | None:
-        node, incarnation, epoch = await self._call(
-            "look up an owner", self._redis.hmget(owner_key(key), ["node", "incarnation", "epoch"]))
+        node, incarnation, epoch, principal = await self._call("look up an owner", self._redis.hmget(
+            owner_key(key), ["node", "incarnation", "epoch", "principal"]))
         if node is None or epoch is None:
             return None
-        return OwnershipRecord(key, str(node), int(epoch), str(incarnation or ""))
+        return OwnershipRecord(key, str(node), int(epoch), str(incarnation or ""), str(principal or ""))
 
     async def release(self, record: OwnershipRecord) -> bool:
         released = await self._call(f"release {record.key[:8]}...", self._release(
             keys=[owner_key(record.key), epoch_key(record.key)],
             args=[record.node_id, record.incarnation, str(record.epoch), _keep(record.key)]))
         await self._call("unindex a release", self._redis.srem(owned_key(record.node_id), record.key))
+        if record.principal and released:
+            await self._call("uncount a release", self._redis.srem(quota_key(record.principal), record.key))
         return bool(released)
 
     async def wait_for_change(self, timeout: float) -> None:

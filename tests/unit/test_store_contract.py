@@ -13,12 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from actors.store.base import NodeRecord, OwnershipRecord, Store
+from actors.store.base import NodeRecord, OwnershipRecord, Quota, Store
 from actors.store.link import StoreLink, store_routes
 from actors.store.memory import MemoryStore
 from actors.store.redis import RedisStore
 from tests.support import RedisServer, wait_until
-from tether.errors import LeaseLost, OwnershipConflict, StoreError
+from tether.errors import LeaseLost, OwnershipConflict, QuotaExceeded, StoreError
 
 LONG = 30.0  # a lease that does not lapse during a test
 
@@ -229,3 +229,27 @@ async def test_reassert_puts_back_a_lost_record_and_never_steals_one(h: Harness)
     claim = OwnershipRecord("taken", "node-a", taken.epoch + 5, A.incarnation)
     assert await h.store.reassert(claim) is False
     assert await h.store.lookup("taken") == taken
+
+
+async def test_a_principal_holds_at_most_its_quota_of_live_keys(h: Harness) -> None:
+    await h.store.heartbeat(A, ttl=h.short)
+    await h.store.heartbeat(B, ttl=LONG)
+    quota = Quota("tenant-1", 2)
+    first = await h.store.grant("q-1", "node-a", A.incarnation, quota)
+    assert first.principal == "tenant-1" and await h.store.lookup("q-1") == first
+    await h.store.grant("q-2", "node-b", B.incarnation, quota)  # the count spans nodes
+    with pytest.raises(QuotaExceeded) as refused:
+        await h.store.grant("q-3", "node-b", B.incarnation, quota)
+    assert refused.value.status == 429 and refused.value.retry_after
+    assert await h.store.lookup("q-3") is None  # a refused grant leaves nothing behind
+    await h.store.grant("other-1", "node-b", B.incarnation, Quota("tenant-2", 2))  # others are not counted
+    await h.store.grant("free", "node-b", B.incarnation)  # nor are keys granted without a quota
+    await h.store.release(first)  # an ended session frees its slot
+    third = await h.store.grant("q-3", "node-b", B.incarnation, quota)
+    with pytest.raises(QuotaExceeded):
+        await h.store.grant("q-4", "node-b", B.incarnation, quota)
+    await h.store.release(third)
+    await h.store.heartbeat(A, ttl=h.short)
+    await h.store.grant("q-5", "node-a", A.incarnation, quota)
+    await h.lapse("node-a")  # a dead node's sessions are not counted against anyone
+    await h.store.grant("q-6", "node-b", B.incarnation, quota)
