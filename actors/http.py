@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -14,15 +16,17 @@ from actors.mcp import error_response
 from tether.errors import INVALID_REQUEST, ConfigError, TetherError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("tether.http")
 
 
 def error_answer(exc: TetherError, request_id: object = None) -> web.Response:
     """The HTTP answer for a TetherError: its status, a JSON-RPC error body, Retry-After if any."""
+    log.debug("request.refused", extra={"status": exc.status, "detail": exc.message})
     code = exc.rpc_code if exc.rpc_code is not None else INVALID_REQUEST
     body = error_response(request_id, code, exc.message, exc.data)  # type: ignore[arg-type]
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json",
                         headers=headers)
 

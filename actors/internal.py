@@ -14,6 +14,9 @@ EPOCH_HEADER = "X-Tether-Epoch"
 INCARNATION_HEADER = "X-Tether-Incarnation"
 CREATE_HEADER = "X-Tether-Create"
 DECLINED_HEADER = "X-Tether-Declined"
+# The session's principal (a tag, "" for anonymous): the node answers 404 when it is not the owner's.
+PRINCIPAL_HEADER = "X-Tether-Principal"
+QUOTA_HEADER = "X-Tether-Quota"  # on a create: whose session quota it counts against (a tag)
 
 SESSIONS_PATH = "/_tether/sessions"
 STORE_PATH = "/_tether/store"

@@ -62,7 +62,7 @@ def check_message(message: object) -> Message:
             raise BadRequest('Invalid Request: "method" must be a non-empty string')
         if "id" in message and not _valid_id(message["id"]):
             raise BadRequest('Invalid Request: "id" must be a string or an integer')
-        if "params" in message and not isinstance(message["params"], dict | list):
+        if "params" in message and not isinstance(message["params"], dict):  # MCP never uses by-position
             raise BadRequest('Invalid Request: "params" must be an object')
         return message
     if "id" not in message or not (_valid_id(message["id"]) or message["id"] is None):
@@ -141,3 +141,31 @@ def route_upstream(message: Mapping[str, Any], pending: Mapping[RequestId, objec
 
 def _hashable(value: object) -> RequestId | None:
     return value if isinstance(value, str | int) else None
+
+
+def check_depth(body: bytes, limit: int) -> None:
+    """Refuse a JSON text nested deeper than `limit`. Raises `BadRequest` (400).
+
+    Counting brackets needs no parse: a body with no more opening brackets than
+    the limit cannot be too deep, which settles almost every message at C speed.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                raise BadRequest(f"Invalid Request: the message is nested more than {limit} levels deep")
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1

@@ -22,8 +22,8 @@ from actors.lease import NodeLease, reap_idle
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
 from actors.session import JSON, ActorLimits, SessionActor
-from actors.store.base import NodeRecord, Store
-from actors.upstream import StdioUpstream, Upstream, scrubbed_env
+from actors.store.base import NodeRecord, Quota, Store
+from actors.upstream import ProcessLimits, StdioUpstream, Upstream, scrubbed_env
 from actors.upstream_http import SseUpstream, StreamableHttpUpstream, transport_for
 from tether.config import Config
 from tether.errors import (
@@ -94,28 +94,32 @@ class Node:
             raise Overloaded(f"Service Unavailable: node {self.node_id} cannot prove it holds its lease",
                              retry_after=1.0)
 
-    def live(self, sid: str) -> SessionActor:
-        """The actor of a live session here. Raises `SessionNotFound`, or `Overloaded` without a lease."""
+    def live(self, sid: str, principal: str) -> SessionActor:
+        """The actor of a live session here that `principal` created. Raises `SessionNotFound` (also for
+        another principal's session, so that ids cannot be probed), or `Overloaded` without a lease."""
         self.check_lease()
         actor = self.actors.get(sid)
-        if actor is None or actor.ended is not None:
+        if actor is None or actor.ended is not None or actor.principal != principal:
             raise SessionNotFound("Session not found")
         return actor
 
     # -- lifecycle of sessions ----------------------------------------------------
 
-    async def create(self, sid: str, initialize: Message | None) -> tuple[SessionActor | None, Message | None]:
-        """Start a session: grant ownership, start the upstream, forward `initialize` if given.
+    async def create(self, sid: str, initialize: Message | None, *, principal: str = "",
+                     quota: str = "") -> tuple[SessionActor | None, Message | None]:
+        """Start a session for `principal`: grant ownership (counted against the `quota` key's
+        sessions), start the upstream, forward `initialize` if given.
 
         Returns the actor (None if the upstream refused to initialize) and the
         upstream's answer (None without `initialize`: a WebSocket or HTTP+SSE
         client sends it later, on its channel). Raises `Declined` when full,
+        `QuotaExceeded` when the principal holds all the sessions it may,
         `UpstreamError` or `UpstreamTimeout` when the upstream cannot start.
         """
         if is_named(sid):
             while (pending := self._creating.get(sid)) is not None:
                 await asyncio.shield(pending)  # one activation at a time; the rest wait, then join it
-            if initialize is not None and (attached := self._attach(sid, initialize)) is not None:
+            if initialize is not None and (attached := self._attach(sid, initialize, principal)) is not None:
                 return attached
         if not self.lease.held(self.clock()):  # decline, so the gateway tries the next node
             self.metrics.sessions_declined.inc()
@@ -128,7 +132,7 @@ class Node:
         creating = asyncio.get_running_loop().create_future()
         self._creating[sid] = creating
         try:
-            return await self._create(sid, initialize)
+            return await self._create(sid, initialize, principal, quota)
         finally:
             self._starting -= 1
             if not self._starting:
@@ -139,11 +143,13 @@ class Node:
                 del self._creating[sid]
             creating.set_result(None)
 
-    def _attach(self, sid: str, initialize: Message) -> tuple[SessionActor, Message] | None:
+    def _attach(self, sid: str, initialize: Message, principal: str) -> tuple[SessionActor, Message] | None:
         """A named session already live here: answer this initialize as the upstream answered the first."""
         actor = self.actors.get(sid)
         if actor is None or actor.ended is not None or actor.initialize_answer is None:
             return None
+        if actor.principal != principal:  # names are per principal, so only a forged id gets here
+            raise SessionNotFound("Session not found")
         self.check_lease()
         actor.lease.touch(self.clock())
         self.metrics.sessions_attached.inc()
@@ -159,12 +165,18 @@ class Node:
                 else StreamableHttpUpstream
             return kind(self._http, config.upstream_url, max_message_bytes=config.max_message_bytes,
                         request_timeout=config.upstream_request_timeout)
-        env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)})
-        return await StdioUpstream.start(self.argv, env=env, max_message_bytes=config.max_message_bytes)
+        env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)},
+                           allow=config.upstream_env)
+        limits = ProcessLimits(config.upstream_max_memory, config.upstream_max_cpu, config.upstream_max_files)
+        return await StdioUpstream.start(self.argv, env=env, max_message_bytes=config.max_message_bytes,
+                                         limits=limits, workdir_in=config.upstream_workdir, name=sid_tag(sid))
 
-    async def _create(self, sid: str, initialize: Message | None) -> tuple[SessionActor | None, Message | None]:
+    async def _create(self, sid: str, initialize: Message | None, principal: str,
+                      quota: str) -> tuple[SessionActor | None, Message | None]:
         self._idle_creates.clear()
-        record = await self.store.grant(sid, self.node_id, self.incarnation)
+        limit = self.config.max_sessions_per_principal
+        record = await self.store.grant(sid, self.node_id, self.incarnation,
+                                        quota=Quota(quota, limit) if limit and quota else None)
         started = self.clock()
         try:
             upstream = await self._start_upstream(sid)
@@ -173,6 +185,7 @@ class Node:
             raise
         actor = SessionActor(sid, record, upstream, self.limits, on_exit=self._on_actor_exit,
                              on_dropped=self.metrics.events_dropped.inc, clock=self.clock)
+        actor.principal = principal
         self.actors[sid] = actor
         self.metrics.sessions_active.inc()
         actor.start()

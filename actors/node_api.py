@@ -26,6 +26,8 @@ from actors.internal import (
     EPOCH_HEADER,
     INCARNATION_HEADER,
     NODE_HEADER,
+    PRINCIPAL_HEADER,
+    QUOTA_HEADER,
     RESPONSE_HEADER,
     SESSIONS_PATH,
 )
@@ -35,6 +37,7 @@ from actors.mcp import (
     VERSION_HEADER,
     Kind,
     Message,
+    check_depth,
     check_message,
     error_response,
     kind_of,
@@ -54,7 +57,8 @@ NODE_KEY = web.AppKey("node", Node)
 TASKS_KEY = web.AppKey("tasks", TaskSet)
 
 
-def _parse(body: bytes) -> list[Message]:
+def _parse(body: bytes, max_depth: int) -> list[Message]:
+    check_depth(body, max_depth)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -69,13 +73,14 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     mode = request.headers.get(RESPONSE_HEADER, JSON)
     if mode not in MODES:
         raise BadRequest(f"Bad Request: {RESPONSE_HEADER} must be one of {', '.join(MODES)}")
+    depth = node.config.max_json_depth
     if request.headers.get(CREATE_HEADER):
-        return await _create(request, node, sid, _parse(body) if body else [], mode)
-    actor = node.live(sid)
+        return await _create(request, node, sid, _parse(body, depth) if body else [], mode)
+    actor = node.live(sid, request.headers.get(PRINCIPAL_HEADER, ""))
     actor.lease.touch(node.clock())
     if mode == CHANNEL:
         return _to_channel(node, actor, body)
-    messages = _parse(body)
+    messages = _parse(body, depth)
     stream = actor.submit(messages, mode)
     for message in messages:
         node.metrics.messages[kind_of(message).value].inc()
@@ -98,7 +103,7 @@ def _to_channel(node: Node, actor: SessionActor, body: bytes) -> web.Response:
     that a WebSocket client's message count stays the channel's event count."""
     messages: list[Message] = []
     try:
-        messages = _parse(body)
+        messages = _parse(body, node.config.max_json_depth)
         actor.submit(messages, CHANNEL)
     except (BadRequest, Overloaded) as exc:
         first = messages[0].get("id") if len(messages) == 1 else None
@@ -118,7 +123,9 @@ async def _create(request: web.Request, node: Node, sid: str, messages: list[Mes
     try:
         # Shielded: a client that leaves mid-start must not leave a half-made actor behind; the
         # session it would have had is reaped by idle expiry.
-        actor, answer = await asyncio.shield(node.create(sid, initialize if mode != CHANNEL else None))
+        actor, answer = await asyncio.shield(node.create(
+            sid, initialize if mode != CHANNEL else None, principal=request.headers.get(PRINCIPAL_HEADER, ""),
+            quota=request.headers.get(QUOTA_HEADER, "")))
     except Declined as exc:
         response = error_answer(exc)
         response.headers[DECLINED_HEADER] = "1"
@@ -174,7 +181,7 @@ async def _stream(request: web.Request, node: Node, actor: SessionActor, stream:
 async def open_stream(request: web.Request) -> web.StreamResponse:
     """GET: the session's stream, or with Last-Event-ID the stream it names, resumed after it."""
     node = request.app[NODE_KEY]
-    actor = node.live(request.match_info["sid"])
+    actor = node.live(request.match_info["sid"], request.headers.get(PRINCIPAL_HEADER, ""))
     last = request.headers.get("Last-Event-ID")
     cursor = EventId.parse(last, default_stream=0) if last else None
     stream, after = actor.stream_to_read(cursor)
@@ -187,7 +194,7 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
 async def delete_session(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     sid = request.match_info["sid"]
-    node.live(sid)
+    node.live(sid, request.headers.get(PRINCIPAL_HEADER, ""))
     await node.end(sid, "deleted")
     return web.Response(status=200)
 

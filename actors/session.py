@@ -73,6 +73,7 @@ class SessionActor:
         self._token_of: dict[RequestId, object] = {}
         self.owed: dict[int, int] = {}  # answers each stream still owes, by stream number
         self.channel = False  # a WebSocket or HTTP+SSE session: every message goes on stream 0
+        self.principal = ""  # the tag of the principal that created it; "" without authentication
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
         self._timers: dict[RequestId, asyncio.TimerHandle] = {}

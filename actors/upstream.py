@@ -7,9 +7,11 @@ cannot tell, and says None. The HTTP upstreams live in `actors.upstream_http`.
 
 The stdio upstream is one MCP server process per session, in its own process
 group. The command comes from configuration only. The process gets a scrubbed
-environment, its own process group (so ending it ends its children too) and,
-where `setpriv` exists, a parent-death signal, so a node that is killed does
-not leave servers behind. `stop()` always reaps it.
+environment (an allowlist), its own process group (so ending it ends its
+children too), its own working directory (removed when it ends), resource
+limits set before it runs (`prlimit`: address space, CPU time, open files; no
+core dumps) and, where `setpriv` exists, a parent-death signal, so a node that
+is killed does not leave servers behind. `stop()` always reaps it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -35,6 +40,7 @@ ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "
                  "SHELL", "TERM", "NODE_PATH", "NPM_CONFIG_CACHE", "npm_config_cache",
                  "VIRTUAL_ENV", "PYTHONPATH", "UV_CACHE_DIR", "XDG_CACHE_HOME")
 _SETPRIV = shutil.which("setpriv")
+_PRLIMIT = shutil.which("prlimit")
 
 
 # One message from the upstream (an object, or a batch), and the client request it belongs to, if known.
@@ -62,12 +68,53 @@ class Upstream(Protocol):
         """End the server's side of the session, within about `grace` seconds; returns what happened."""
 
 
-def scrubbed_env(extra: Mapping[str, str], source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The allowlisted part of `source` (default: this process's environment) plus `extra`."""
+def scrubbed_env(extra: Mapping[str, str], source: Mapping[str, str] | None = None,
+                 allow: Iterable[str] = ()) -> dict[str, str]:
+    """The allowlisted part of `source` (default: this process's environment), plus `allow` (entries
+    NAME, passed through, or NAME=VALUE), plus `extra`."""
     source = os.environ if source is None else source
     env = {key: source[key] for key in ENV_ALLOWLIST if key in source}
+    for entry in allow:
+        name, eq, value = entry.partition("=")
+        if eq:
+            env[name] = value
+        elif name in source:
+            env[name] = source[name]
     env.update(extra)
     return env
+
+
+@dataclass(frozen=True)
+class ProcessLimits:
+    """Resource limits of one upstream process; 0 leaves a limit as the node has it."""
+
+    memory: int = 0  # bytes of address space
+    cpu: int = 0  # seconds of CPU time: SIGXCPU then, SIGKILL a second later
+    files: int = 0  # open file descriptors
+
+    def rlimits(self) -> list[tuple[int, tuple[int, int]]]:
+        limits = [(resource.RLIMIT_CORE, (0, 0))]  # a server's memory never lands on disk
+        if self.memory:
+            limits.append((resource.RLIMIT_AS, (self.memory, self.memory)))
+        if self.cpu:
+            limits.append((resource.RLIMIT_CPU, (self.cpu, self.cpu + 1)))
+        if self.files:
+            limits.append((resource.RLIMIT_NOFILE, (self.files, self.files)))
+        return limits
+
+    def prefix(self) -> list[str]:
+        """`prlimit` arguments that set these limits before the server runs (empty without prlimit)."""
+        if _PRLIMIT is None:
+            return []
+        names = {resource.RLIMIT_CORE: "core", resource.RLIMIT_AS: "as", resource.RLIMIT_CPU: "cpu",
+                 resource.RLIMIT_NOFILE: "nofile"}
+        return [_PRLIMIT, *(f"--{names[which]}={soft}:{hard}" for which, (soft, hard) in self.rlimits()), "--"]
+
+    def apply_to(self, pid: int) -> None:
+        """Set the limits on a running process: the fallback where prlimit(1) is missing."""
+        for which, values in self.rlimits():
+            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                resource.prlimit(pid, which, values)
 
 
 def with_death_signal(argv: Sequence[str], sig: str = "KILL") -> list[str]:
@@ -80,22 +127,34 @@ def with_death_signal(argv: Sequence[str], sig: str = "KILL") -> list[str]:
 class StdioUpstream:
     """Newline-delimited JSON-RPC over a child's stdin and stdout."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, workdir: str | None = None) -> None:
         self._process = process
+        self._workdir = workdir
         self._write_lock = asyncio.Lock()
 
     @classmethod
     async def start(cls, argv: Sequence[str], *, env: Mapping[str, str], max_message_bytes: int,
-                    cwd: str | None = None) -> StdioUpstream:
-        """Spawn the server. Raises `UpstreamError` if it cannot be started."""
+                    limits: ProcessLimits = ProcessLimits(), workdir_in: str | None = None,
+                    name: str = "session") -> StdioUpstream:
+        """Spawn the server in a working directory of its own, made under `workdir_in` (default: the
+        system temp directory) and removed when it stops. Raises `UpstreamError` if it cannot start."""
+        try:
+            workdir = tempfile.mkdtemp(prefix=f"tether-{name}-", dir=workdir_in or None)
+        except OSError as exc:
+            raise UpstreamError(f"Cannot make a working directory for upstream in {workdir_in!r}: "
+                                f"{exc.strerror or exc}") from exc
+        prefix = limits.prefix()
         try:
             process = await asyncio.create_subprocess_exec(
-                *with_death_signal(argv), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=dict(env), cwd=cwd, start_new_session=True,
-                limit=max_message_bytes)
+                *with_death_signal([*prefix, *argv]), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env), cwd=workdir,
+                start_new_session=True, limit=max_message_bytes)
         except OSError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
             raise UpstreamError(f"Cannot start upstream {argv[0]!r}: {exc.strerror or exc}") from exc
-        return cls(process)
+        if not prefix:
+            limits.apply_to(process.pid)
+        return cls(process, workdir)
 
     @property
     def pid(self) -> int:
@@ -158,8 +217,13 @@ class StdioUpstream:
                                                "detail": line[:500].decode(errors="replace").rstrip()})
 
     async def stop(self, grace: float) -> str:
-        """End the process group: close stdin, SIGTERM, SIGKILL after `grace`; always reap."""
-        return f"upstream exit code {await self._stop(grace)}"
+        """End the process group: close stdin, SIGTERM, SIGKILL after `grace`; always reap, and remove
+        the working directory."""
+        try:
+            return f"upstream exit code {await self._stop(grace)}"
+        finally:
+            if self._workdir is not None:
+                await asyncio.to_thread(shutil.rmtree, self._workdir, True)
 
     async def _stop(self, grace: float) -> int | None:
         process = self._process

@@ -7,6 +7,7 @@ gateway keeps no session state but its route cache.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -17,13 +18,15 @@ import orjson
 from aiohttp import web
 
 from actors.http import Handler, bind_socket, error_answer, health_routes, internal_only
-from actors.ids import is_valid_session_id, mint_session_id, session_id_for_key
+from actors.ids import SessionIds
 from actors.internal import (
     BATCH_HEADER,
     CREATE_HEADER,
     DECLINED_HEADER,
     EPOCH_HEADER,
     INCARNATION_HEADER,
+    PRINCIPAL_HEADER,
+    QUOTA_HEADER,
     RESPONSE_HEADER,
 )
 from actors.mcp import MODERN_VERSIONS, SESSION_HEADER, VERSION_HEADER
@@ -33,6 +36,8 @@ from actors.sse import HEADERS as SSE_HEADERS
 from actors.store.base import NodeRecord, OwnershipRecord, Store
 from actors.store.link import store_routes
 from gateway import rules
+from gateway.auth import WELL_KNOWN, Authenticator, Principal
+from gateway.limits import RateLimiter
 from gateway.link import NodeLink
 from gateway.metrics import GatewayMetrics
 from tether.config import Config
@@ -41,6 +46,8 @@ from tether.errors import (
     MethodNotAllowed,
     Overloaded,
     PayloadTooLarge,
+    QuotaExceeded,
+    RequestTimeout,
     SessionNotFound,
     TetherError,
     UpstreamError,
@@ -71,13 +78,36 @@ class Gateway:
         self._tasks = TaskSet("gateway")
         self.url = ""
         self.affinity = rules.AffinitySource.parse(config.affinity_key) if config.affinity_key else None
+        self.ids = SessionIds(config.session_id_key, config.internal_secret)
+        self.auth = Authenticator(config)
+        self.rate = RateLimiter(config.rate_limit, config.rate_burst)
 
     def named_session(self, request: web.Request, post: rules.Post | None) -> str | None:
         """In key-affinity mode, the session id the request names (by header, cookie, query or body)."""
         if self.affinity is None:
             return None
         name = self.affinity.value(request.headers, request.cookies, request.query, post)
-        return session_id_for_key(name, self.config.internal_secret) if name else None
+        return self.ids.for_name(name, request[PRINCIPAL_KEY].name) if name else None
+
+    async def admit(self, request: web.Request) -> Principal:
+        """Who the client is, if it may call at all: Origin, credentials, then its request rate.
+        Raises `Forbidden` (403), `Unauthorized` (401) or `QuotaExceeded` (429)."""
+        rules.check_origin(request.headers.get("Origin"), self.config.allowed_origins)
+        base = f"{request.scheme}://{request.host}"
+        try:
+            principal = await self.auth.identify(request.headers, request.remote, base)
+        except TetherError:
+            self.metrics.refused["unauthorized"].inc()
+            self._limit(f"addr:{request.remote}")  # guessing tokens is rate-limited too
+            raise
+        self._limit(principal.quota_key)
+        return principal
+
+    def _limit(self, key: str) -> None:
+        if (wait := self.rate.take(key)) > 0:
+            self.metrics.refused["rate_limited"].inc()
+            raise QuotaExceeded(f"Too Many Requests: over {self.config.rate_limit:g} requests a second; "
+                                f"retry in {wait:.2f}s", retry_after=wait, status=429)
 
     def ready(self) -> bool:
         return len(self.placement.ring) > 0 and self.placement.fresh
@@ -92,32 +122,36 @@ class Gateway:
             await self.placement.store.wait_for_change(self.config.membership_refresh)
 
     async def start(self) -> None:
+        await self.auth.start()
         await self.placement.refresh()
         self._tasks.spawn(self.membership_loop(), "membership")
 
     async def close(self) -> None:
         await self._tasks.close()
         await self.link.close()
+        await self.auth.close()
 
     # -- routing ---------------------------------------------------------------
 
     async def create_session(self, request: web.Request, body: bytes, mode: str, version: str,
-                             sid: str | None = None) -> web.StreamResponse:
+                             principal: Principal, sid: str | None = None) -> web.StreamResponse:
         """Place a new session (a minted id, or a named one) on the first node of its ring order that
         accepts it, and relay the upstream's initialize answer. A named session already live elsewhere
         is joined where it lives."""
         if sid is not None and self.placement.settling:  # its old owner may not have re-asserted yet
             raise Overloaded("Service Unavailable: the store is recovering; try this named session again",
                              retry_after=1.0)
-        sid = sid or mint_session_id()
-        resp = await self.place(sid, body, {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version})
+        sid = sid or self.ids.mint()
+        resp = await self.place(sid, body, {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version,
+                                            **_principal_headers(principal, create=True)})
         return await self.relay(request, resp, {SESSION_HEADER: sid} if resp.headers.get(EPOCH_HEADER) else {})
 
-    async def create_channel(self) -> str:
+    async def create_channel(self, principal: Principal) -> str:
         """Place a new WebSocket or HTTP+SSE session; its initialize comes later, on the channel.
         Returns the session id. Raises `TetherError` with the node's answer when it cannot start."""
-        sid = mint_session_id()
-        resp = await self.place(sid, b"", {CREATE_HEADER: "1", RESPONSE_HEADER: CHANNEL})
+        sid = self.ids.mint()
+        resp = await self.place(sid, b"", {CREATE_HEADER: "1", RESPONSE_HEADER: CHANNEL,
+                                           **_principal_headers(principal, create=True)})
         async with resp:
             if resp.status != 201:
                 raise await as_error(resp)
@@ -173,19 +207,26 @@ class Gateway:
     async def forward(self, request: web.Request, method: str, sid: str, *, body: bytes | None = None,
                       headers: Mapping[str, str] | None = None) -> web.StreamResponse:
         """Send a request to the owner of `sid` and relay its answer. Raises `SessionNotFound`."""
-        return await self.relay(request, await self.call(method, sid, body=body, headers=headers), {})
+        resp = await self.call(method, sid, request[PRINCIPAL_KEY], body=body, headers=headers)
+        return await self.relay(request, resp, {})
 
-    async def call(self, method: str, sid: str, *, body: bytes | None = None,
+    async def call(self, method: str, sid: str, principal: Principal, *, body: bytes | None = None,
                    headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
-        """Send a request to the owner of `sid`; the caller reads and releases the answer.
-        Raises `SessionNotFound`, or `Overloaded` when the owner cannot be reached."""
-        if not is_valid_session_id(sid):
+        """Send a request to the owner of `sid` on behalf of `principal`; the caller reads and releases
+        the answer. Raises `SessionNotFound` (also for another principal's session: no oracle), or
+        `Overloaded` when the owner cannot be reached."""
+        if not self.ids.genuine(sid):  # forged, altered or malformed: refused without a lookup
+            self.metrics.refused["forged_session_id"].inc()
             raise SessionNotFound("Session not found")
         _, node = await self.placement.locate(sid)
-        resp = await self.link.call(node, method, sid, body=body, headers=headers,
+        resp = await self.link.call(node, method, sid, body=body,
+                                    headers={**(headers or {}), **_principal_headers(principal)},
                                     read_timeout=self.read_timeout(method, headers))
         if resp.status == 404 or (method == "DELETE" and resp.status == 200):
             self.placement.forget(sid)
+        if resp.status == 404:  # answered here, so that every unknown id gets the same bytes: no oracle
+            resp.release()
+            raise SessionNotFound("Session not found")
         return resp
 
     def read_timeout(self, method: str, headers: Mapping[str, str] | None) -> float:
@@ -212,24 +253,27 @@ class Gateway:
         finally:
             done_with(resp)
 
-    def end_later(self, sid: str) -> None:
+    def end_later(self, sid: str, principal: Principal) -> None:
         """End a session whose client has left for good, without holding up the handler that saw it."""
-        self._tasks.spawn(self._end(sid), f"end-{sid_tag(sid)}")
+        self._tasks.spawn(self._end(sid, principal), f"end-{sid_tag(sid)}")
 
-    async def _end(self, sid: str) -> None:
+    async def _end(self, sid: str, principal: Principal) -> None:
         try:
-            resp = await self.call("DELETE", sid)
+            resp = await self.call("DELETE", sid, principal)
             resp.release()
         except TetherError as exc:
             log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
 
     async def pipe(self, resp: aiohttp.ClientResponse, out: web.StreamResponse, transport: str) -> None:
-        """Copy a node's SSE stream to the client as it arrives, until either side goes."""
+        """Copy a node's SSE stream to the client as it arrives, until either side goes. A client that
+        stops reading for `client_write_timeout` is cut off; what it missed waits in the event log."""
         gauge = self.metrics.streams_open.labels(transport)
         gauge.inc()
+        write_timeout = self.config.client_write_timeout
         try:
             async for chunk in resp.content.iter_any():
-                await out.write(chunk)
+                async with asyncio.timeout(write_timeout):
+                    await out.write(chunk)
         except (ConnectionError, TimeoutError, aiohttp.ClientError):
             pass  # one side went away or stalled; closing the link response tells the node
         finally:
@@ -237,6 +281,14 @@ class Gateway:
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+PRINCIPAL_KEY = "tether.principal"  # set on every client request by `admitted`
+
+
+def _principal_headers(principal: Principal, *, create: bool = False) -> dict[str, str]:
+    headers = {PRINCIPAL_HEADER: principal.binding}
+    if create:
+        headers[QUOTA_HEADER] = principal.quota_tag
+    return headers
 
 
 def done_with(resp: aiohttp.ClientResponse) -> None:
@@ -275,14 +327,20 @@ def _forwarded(request: web.Request, **extra: str) -> dict[str, str]:
     return headers
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, config: Config) -> bytes:
+    """The whole body, within `max_body_bytes` (else 413) and `client_body_timeout` (else 408)."""
+    limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Payload Too Large: the body is {request.content_length} bytes, "
                               f"the limit is {limit}")
     try:
-        return await request.read()
+        async with asyncio.timeout(config.client_body_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Payload Too Large: the body is over the {limit}-byte limit") from None
+    except TimeoutError:
+        raise RequestTimeout(f"Request Timeout: the body did not arrive within {config.client_body_timeout:g}s") \
+            from None
 
 
 async def handle_post(request: web.Request) -> web.StreamResponse:
@@ -290,22 +348,22 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
     config = gw.config
     post: rules.Post | None = None
     try:
-        rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
         mode = rules.post_answer_mode(request.headers.get("Content-Type"), request.headers.get("Accept"),
                                       config.response_mode)
         version = rules.protocol_version(request.headers.get(VERSION_HEADER))
-        body = await read_body(request, config.max_body_bytes)
-        post = rules.parse_post(body, version)
+        body = await read_body(request, config)
+        post = rules.parse_post(body, version, max_depth=config.max_json_depth)
         sid = rules.session_id(request.headers.get(SESSION_HEADER))
+        principal = request[PRINCIPAL_KEY]
         if sid is None and (named := gw.named_session(request, post)) is not None:
             if post.initialize:
-                return await gw.create_session(request, body, mode, version, sid=named)
+                return await gw.create_session(request, body, mode, version, principal, sid=named)
             sid = named
         if version in MODERN_VERSIONS:
             rules.check_modern_headers(request.headers, post, version)
         if sid is None:
             if post.initialize:
-                return await gw.create_session(request, body, mode, version)
+                return await gw.create_session(request, body, mode, version, principal)
             if version in MODERN_VERSIONS:
                 raise rules.stateless_fallback(version)
             raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required (start with initialize)")
@@ -319,8 +377,6 @@ async def handle_post(request: web.Request) -> web.StreamResponse:
 
 def _session_request(request: web.Request, purpose: str) -> str:
     """The checks every GET and DELETE passes; returns the session id. Raises TetherError."""
-    config = request.app[GATEWAY_KEY].config
-    rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
     rules.protocol_version(request.headers.get(VERSION_HEADER))
     sid = rules.session_id(request.headers.get(SESSION_HEADER))
     sid = sid or request.app[GATEWAY_KEY].named_session(request, None)
@@ -346,16 +402,27 @@ async def handle_other(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every client request; map TetherErrors to their answers."""
+    """Admit, count and time every client request; map TetherErrors to their answers."""
     started = time.monotonic()
+    transport = TRANSPORTS.get(request.path)
     try:
+        if transport is not None:
+            request[PRINCIPAL_KEY] = await request.app[GATEWAY_KEY].admit(request)
         response = await handler(request)
     except TetherError as exc:
         response = error_answer(exc)
-    if (transport := TRANSPORTS.get(request.path)) is not None:
+    if transport is not None:
         request.app[GATEWAY_KEY].metrics.observe(transport, request.method, response.status,
                                                  time.monotonic() - started)
     return response
+
+
+async def protected_resource(request: web.Request) -> web.Response:
+    """RFC 9728 metadata: where MCP clients get tokens for this gateway."""
+    config = request.app[GATEWAY_KEY].config
+    base = f"{request.scheme}://{request.host}"
+    return web.json_response({"resource": base + MCP_PATH, "authorization_servers": [config.jwt_issuer],
+                              "bearer_methods_supported": ["header"]})
 
 
 def build_gateway_app(gateway: Gateway, store: Store | None = None) -> web.Application:
@@ -370,6 +437,8 @@ def build_gateway_app(gateway: Gateway, store: Store | None = None) -> web.Appli
 
     app.add_routes(channel_routes())
     app.add_routes(health_routes(gateway.metrics.registry, gateway.ready))
+    if "jwt" in config.auth and config.jwt_issuer:
+        app.add_routes([web.get(WELL_KNOWN, protected_resource), web.get(WELL_KNOWN + MCP_PATH, protected_resource)])
     if store is not None:
         app.add_routes(store_routes(store, config.internal_secret))
     return app
@@ -383,8 +452,12 @@ async def serve_gateway(config: Config, store: Store, *, host_store: bool) -> As
     gateway = Gateway(config, store)
     # handler_cancellation: a client that goes away cancels its handler, which closes the link
     # response, which the node sees at once, instead of at the next keep-alive ping.
+    # keepalive_timeout bounds how long a connection may go without a whole request: aiohttp arms it
+    # when the connection opens and trickled bytes do not re-arm it, so a slowloris is cut off.
     runner = web.AppRunner(build_gateway_app(gateway, store if host_store else None), access_log=None,
-                           handle_signals=False, shutdown_timeout=1.0, handler_cancellation=True)
+                           handle_signals=False, shutdown_timeout=1.0, handler_cancellation=True,
+                           keepalive_timeout=config.client_header_timeout,
+                           max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     await gateway.start()

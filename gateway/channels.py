@@ -32,7 +32,8 @@ from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import Parser, endpoint
 from gateway import rules
-from gateway.app import GATEWAY_KEY, Gateway, as_error, done_with, read_body
+from gateway.app import GATEWAY_KEY, PRINCIPAL_KEY, Gateway, as_error, done_with, read_body
+from gateway.auth import Principal
 from tether.errors import BadRequest, SessionNotFound, TetherError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet
@@ -55,17 +56,18 @@ def _cursor(request: web.Request) -> dict[str, str]:
 
 async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tuple[str, aiohttp.ClientResponse]:
     """The session's channel stream from its node: an existing session's (resumed), or a new one's."""
+    principal = request[PRINCIPAL_KEY]
     created = sid is None
     if sid is None:
-        sid = await gw.create_channel()
+        sid = await gw.create_channel(principal)
     try:
-        resp = await gw.call("GET", sid, headers=_cursor(request))
+        resp = await gw.call("GET", sid, principal, headers=_cursor(request))
         if resp.status != 200:
             async with resp:
                 raise await as_error(resp)
     except TetherError:
         if created:  # nobody will ever reach the session just made: do not leave it to idle out
-            gw.end_later(sid)
+            gw.end_later(sid, principal)
         raise
     return sid, resp
 
@@ -76,7 +78,6 @@ async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tu
 async def handle_sse(request: web.Request) -> web.StreamResponse:
     """GET /sse: open a session (or, with ?session_id=, resume one) and stream it, endpoint event first."""
     gw = request.app[GATEWAY_KEY]
-    rules.check_origin(request.headers.get("Origin"), gw.config.allowed_origins)
     rules.check_stream_accept(request.headers.get("Accept"))
     sid, resp = await _open_stream(gw, request.query.get("session_id"), request)
     try:
@@ -87,7 +88,7 @@ async def handle_sse(request: web.Request) -> web.StreamResponse:
         return out
     finally:
         if not resp.content.at_eof():  # the client left (HTTP+SSE clients never come back): end it
-            gw.end_later(sid)
+            gw.end_later(sid, request[PRINCIPAL_KEY])
         done_with(resp)
 
 
@@ -98,22 +99,21 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     config = gw.config
     post: rules.Post | None = None
     try:
-        rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
         sid = request.query.get("session_id")
         if not sid:
             raise BadRequest("Bad Request: the session_id query parameter is required (from the endpoint event)")
         rules.check_json_body(request.headers.get("Content-Type"))
-        body = await read_body(request, config.max_body_bytes)
-        post = rules.parse_post(body, LEGACY_VERSION)
-        await _to_channel(gw, sid, body)
+        body = await read_body(request, config)
+        post = rules.parse_post(body, LEGACY_VERSION, max_depth=config.max_json_depth)
+        await _to_channel(gw, sid, request[PRINCIPAL_KEY], body)
         return web.Response(status=202, text="Accepted")
     except TetherError as exc:
         return error_answer(exc, post.first_id if post and not post.batch else None)
 
 
-async def _to_channel(gw: Gateway, sid: str, body: bytes) -> None:
+async def _to_channel(gw: Gateway, sid: str, principal: Principal, body: bytes) -> None:
     """Hand client messages to the session's node. Raises the node's refusal as a TetherError."""
-    resp = await gw.call("POST", sid, body=body, headers={RESPONSE_HEADER: CHANNEL})
+    resp = await gw.call("POST", sid, principal, body=body, headers={RESPONSE_HEADER: CHANNEL})
     async with resp:
         if resp.status != 202:
             raise await as_error(resp)
@@ -126,7 +126,6 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     """GET /ws (upgrade, subprotocol `mcp`): a new session, or the live one the request names."""
     gw = request.app[GATEWAY_KEY]
     config = gw.config
-    rules.check_origin(request.headers.get("Origin"), config.allowed_origins)
     ws = web.WebSocketResponse(protocols=(WS_SUBPROTOCOL,), heartbeat=config.keepalive_interval,
                                max_msg_size=config.max_body_bytes)
     ready = ws.can_prepare(request)
@@ -143,12 +142,12 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
             await ws.prepare(request)
         except (ConnectionError, web.HTTPException):
             if created:
-                gw.end_later(sid)
+                gw.end_later(sid, request[PRINCIPAL_KEY])
             raise
         gauge = gw.metrics.streams_open.labels("websocket")
         gauge.inc()
         try:
-            await _run_ws(gw, sid, ws, resp)
+            await _run_ws(gw, sid, request[PRINCIPAL_KEY], ws, resp)
         finally:
             gauge.dec()
         return ws
@@ -156,11 +155,12 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
         done_with(resp)
 
 
-async def _run_ws(gw: Gateway, sid: str, ws: web.WebSocketResponse, resp: aiohttp.ClientResponse) -> None:
+async def _run_ws(gw: Gateway, sid: str, principal: Principal, ws: web.WebSocketResponse,
+                  resp: aiohttp.ClientResponse) -> None:
     """Pump both ways until one side ends; then close the other with a code that says which."""
     pumps = TaskSet(f"ws-{sid_tag(sid)}")
-    down = pumps.spawn(_node_to_client(resp, ws), "down")
-    up = pumps.spawn(_client_to_node(gw, sid, ws), "up")
+    down = pumps.spawn(_node_to_client(resp, ws, gw.config.client_write_timeout), "down")
+    up = pumps.spawn(_client_to_node(gw, sid, principal, ws), "up")
     try:
         done, _ = await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -172,14 +172,20 @@ async def _run_ws(gw: Gateway, sid: str, ws: web.WebSocketResponse, resp: aiohtt
     await ws.close(code=code, message=why.encode()[:120])
 
 
-async def _node_to_client(resp: aiohttp.ClientResponse, ws: web.WebSocketResponse) -> tuple[int, str]:
-    """Each event of the node's stream as one text frame."""
+async def _node_to_client(resp: aiohttp.ClientResponse, ws: web.WebSocketResponse,
+                          write_timeout: float) -> tuple[int, str]:
+    """Each event of the node's stream as one text frame; a client that stops reading for
+    `write_timeout` is cut off (it may reattach and get what it missed)."""
     parser = Parser()
     try:
         async for chunk in resp.content.iter_any():
             for found in parser.feed(chunk):
                 if found.data:
-                    await ws.send_str(found.data)
+                    try:
+                        async with asyncio.timeout(write_timeout):
+                            await ws.send_str(found.data)
+                    except TimeoutError:
+                        return CLOSE_LOST, "the client did not read; reconnect with session_id and last_event_id"
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.warning("ws.link_lost", extra={"detail": repr(exc)})
         return CLOSE_LOST, "lost the session's node; reconnect with session_id and last_event_id"
@@ -188,7 +194,7 @@ async def _node_to_client(resp: aiohttp.ClientResponse, ws: web.WebSocketRespons
     return CLOSE_ENDED, "session ended"
 
 
-async def _client_to_node(gw: Gateway, sid: str, ws: web.WebSocketResponse) -> tuple[int, str]:
+async def _client_to_node(gw: Gateway, sid: str, principal: Principal, ws: web.WebSocketResponse) -> tuple[int, str]:
     """Each text frame, in order, to the node, as it came: the node answers a bad one with an error on
     the channel, so every frame the client gets is an event of the channel and its count a cursor."""
     async for frame in ws:
@@ -197,13 +203,13 @@ async def _client_to_node(gw: Gateway, sid: str, ws: web.WebSocketResponse) -> t
         if frame.type != WSMsgType.TEXT:
             continue
         try:
-            await _to_channel(gw, sid, frame.data.encode())
+            await _to_channel(gw, sid, principal, frame.data.encode())
         except SessionNotFound:
             return CLOSE_ENDED, "session ended"
         except TetherError as exc:  # the node could not be reached: the client may reattach later
             return CLOSE_LOST, f"{exc.message}"[:120]
     if ws.close_code == CLOSE_ENDED:  # the client said goodbye; after a mere drop it may come back
-        gw.end_later(sid)  # now: the handler may be cancelled as soon as the client's socket closes
+        gw.end_later(sid, principal)  # now: the handler may be cancelled as soon as the client's socket closes
         return CLOSE_ENDED, "client closed the session"
     return CLOSE_ENDED, "client gone"
 

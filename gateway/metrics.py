@@ -14,6 +14,8 @@ from actors.placement import Placement
 
 # Label values a client cannot multiply: any other HTTP method is counted as "other" (rule 5).
 HTTP_METHODS = frozenset({"GET", "POST", "DELETE"})
+# Why a request was refused at the edge: no or bad credentials, over the rate, a forged session id.
+REFUSALS = ("unauthorized", "rate_limited", "forged_session_id")
 
 
 class PlacementCollector(Collector):
@@ -49,6 +51,9 @@ class GatewayMetrics:
                                 "Nodes that declined a new session (full or draining)", registry=r)
         self.streams_open = Gauge("tether_gateway_streams_open", "Client SSE streams open", ["transport"],
                                   registry=r)
+        refused = Counter("tether_gateway_refused_total",
+                          "Requests refused before any node or store was asked, by reason", ["reason"], registry=r)
+        self.refused = {reason: refused.labels(reason) for reason in REFUSALS}
         r.register(PlacementCollector(placement))
         self._bound: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 

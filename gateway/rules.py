@@ -25,6 +25,7 @@ from actors.mcp import (
     Kind,
     Message,
     allows_batch,
+    check_depth,
     check_message,
     kind_of,
 )
@@ -59,9 +60,10 @@ def check_origin(origin: str | None, allowed: Sequence[str]) -> None:
 
 
 def accepted(accept: str | None) -> tuple[bool, bool]:
-    """Whether an Accept header admits (JSON, SSE). A missing header admits both."""
+    """Whether an Accept header admits (JSON, SSE). A missing one admits neither: the transport
+    says a client MUST list what it accepts."""
     if not accept:
-        return True, True
+        return False, False
     types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
     wild = "*/*" in types
     return (wild or JSON in types or "application/*" in types,
@@ -134,8 +136,10 @@ class Post:
         return self.messages[0].get("id") if self.messages else None
 
 
-def parse_post(body: bytes, version: str) -> Post:
-    """Parse and check a POST body. Raises `ParseError` for bad JSON, `BadRequest` for bad JSON-RPC."""
+def parse_post(body: bytes, version: str, *, max_depth: int) -> Post:
+    """Parse and check a POST body. Raises `ParseError` for bad JSON, `BadRequest` for bad JSON-RPC or
+    nesting deeper than `max_depth`."""
+    check_depth(body, max_depth)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from tests.guarded import Guarded, start_guarded
 from tests.support import RawClient, RedisServer, TetherUp
 from tests.topology import Topology
 
@@ -21,6 +22,14 @@ def tether(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherUp]:
     up = TetherUp(["--max-body-bytes", str(BODY_LIMIT)], log).start()
     yield up
     assert up.stop() == 0, up.log()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
+    """One `tether up` as a public edge runs it: authentication, tagged ids, tight limits."""
+    g = start_guarded(tmp_path_factory.mktemp("guarded"))
+    yield g
+    assert g.up.stop() == 0, g.up.log()[-3000:]
 
 
 def start_tether(tmp_path: Path, *args: str) -> TetherUp:

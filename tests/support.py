@@ -55,6 +55,7 @@ class TetherUp:
 
     args: list[str]
     log_path: Path
+    env: dict[str, str] | None = None  # the environment it starts with (default: ours)
     process: subprocess.Popen[bytes] | None = None
     base_url: str = ""
     nodes: dict[str, tuple[str, int]] = field(default_factory=dict)  # node id -> (url, pid)
@@ -67,7 +68,7 @@ class TetherUp:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tether", "up", "--port", "0", *self.args],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
         banner = self._read_banner(timeout)
         self.base_url = re.search(r"MCP endpoint\s+(\S+)/mcp", banner).group(1)  # type: ignore[union-attr]
         for node_id, url, pid in re.findall(r"(node-\d+)\s+(\S+)\s+pid (\d+)", banner):
@@ -145,14 +146,15 @@ async def wait_process_gone(pid: int, timeout: float) -> None:
 class RawClient:
     """Plain HTTP against the MCP endpoint, for checking statuses and bodies exactly."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> None:
         self.session = session
         self.url = url
+        self.headers = headers or {}  # sent with every request (credentials, say)
 
     async def post(self, body: Any, *, sid: str | None = None, accept: str = ACCEPT_BOTH,
                    content_type: str = "application/json", headers: dict[str, str] | None = None,
                    raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-        h = {"Accept": accept, "Content-Type": content_type}
+        h = {**self.headers, "Accept": accept, "Content-Type": content_type}
         if sid:
             h["Mcp-Session-Id"] = sid
         h.update(headers or {})

@@ -16,6 +16,8 @@ from tether import __version__
 from tether.config import GW, NODE, SETTINGS, UP, Config, load, read_toml
 from tether.errors import ConfigError
 
+TOKEN = "token"
+
 if TYPE_CHECKING:
     from actors.store.base import Store
 
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Try: tether up   (then point an MCP client at http://127.0.0.1:8080/mcp)")
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    token = commands.add_parser(
+        TOKEN, help="Make a client token for auth_tokens_file",
+        description="Print a new random token (give it to the client) on the first line, and the line "
+                    "to add to auth_tokens_file (only its SHA-256 is kept) on the second.")
+    token.add_argument("principal", help="who the token speaks for; sessions are bound to this name")
     for command in (UP, GW, NODE):
         sub = commands.add_parser(command, help=DESCRIPTIONS[command].split(".")[0],
                                   description=DESCRIPTIONS[command], epilog=EPILOG)
@@ -60,6 +67,8 @@ def resolve(command: str, args: argparse.Namespace, env: dict[str, str]) -> Conf
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == TOKEN:
+        return _token(args.principal)
     try:
         config = resolve(args.command, args, dict(os.environ))
     except ConfigError as exc:
@@ -74,6 +83,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tether {args.command}: {exc.message}", file=sys.stderr)
         return 2
+
+
+def _token(principal: str) -> int:
+    import secrets
+
+    from gateway.auth import token_hash
+
+    if not principal or principal != principal.strip() or "\n" in principal:
+        print("tether token: the principal must be a non-empty name without leading or trailing spaces",
+              file=sys.stderr)
+        return 2
+    token = "tt_" + secrets.token_urlsafe(32)
+    print(token)
+    print(f"{principal} {token_hash(token)}")
+    return 0
 
 
 def _run(main: Awaitable[int]) -> int:

@@ -41,6 +41,7 @@ class Setting:
 
 
 UP, GW, NODE = "up", "gateway", "node"
+AUTH_METHODS = ("token", "jwt")
 ALL = frozenset({UP, GW, NODE})
 EDGE = frozenset({UP, GW})
 ACTOR = frozenset({UP, NODE})
@@ -71,6 +72,18 @@ SETTINGS: tuple[Setting, ...] = (
     _s("kill_grace", float, "seconds between SIGTERM and SIGKILL when ending an upstream", ACTOR,
        minimum=0.0),
     _s("max_sessions", int, "sessions one node holds before it declines new ones", ACTOR, minimum=1),
+    _s("max_sessions_per_principal", int, "live sessions one principal (or, without auth, one client "
+       "address) may hold across all nodes (else 429); 0: no limit", ACTOR, minimum=0),
+    _s("upstream_max_memory", int, "address-space limit of each upstream process, in bytes; 0: none", ACTOR,
+       minimum=0),
+    _s("upstream_max_cpu", int, "CPU seconds each upstream process may use before it is killed; 0: none",
+       ACTOR, minimum=0),
+    _s("upstream_max_files", int, "open files each upstream process may hold; 0: inherit the node's limit",
+       ACTOR, minimum=0),
+    _s("upstream_workdir", str, "directory under which each upstream process gets its own working "
+       "directory, removed when its session ends (default: the system temp directory)", ACTOR),
+    _s("upstream_env", list, "variables an upstream process gets beyond the built-in allowlist: NAME "
+       "(passed through from the node) or NAME=VALUE", ACTOR),
     _s("mailbox_depth", int, "client messages queued per session before 503", ACTOR, minimum=1),
     _s("event_log_size", int, "server messages kept per session (all its streams together) for replay "
        "with Last-Event-ID; an older cursor gets 410", ACTOR, minimum=1),
@@ -80,6 +93,33 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=1024),
     _s("max_body_bytes", int, "largest request body the gateway accepts, in bytes (else 413)", EDGE,
        minimum=64),
+    _s("max_header_bytes", int, "longest request line or header line the gateway reads, in bytes (else 400); "
+       "at most 128 headers", EDGE, minimum=256),
+    _s("max_json_depth", int, "deepest nesting of arrays and objects a client message may have (else 400)",
+       ALL, minimum=4),
+    _s("client_header_timeout", float, "seconds a client may take to send a request's line and headers; "
+       "also how long an idle keep-alive connection stays open", EDGE, minimum=0.1),
+    _s("client_body_timeout", float, "seconds a client may take to send a request body (else 408)", EDGE,
+       minimum=0.1),
+    _s("client_write_timeout", float, "seconds a stream may wait for a client that does not read before "
+       "the gateway closes it (what it missed waits in the event log)", EDGE, minimum=0.1),
+    _s("auth", list, "how clients prove who they are: token (bearer tokens or API keys from "
+       "auth_tokens_file), jwt (JWTs checked against jwt_jwks), or both; empty: no authentication", EDGE),
+    _s("auth_tokens_file", str, "file of 'PRINCIPAL sha256:HEX' lines, the SHA-256 of each token "
+       "(`tether token NAME` makes one)", EDGE),
+    _s("jwt_jwks", str, "JWKS that signs accepted JWTs: a file path or an https:// URL (re-read every "
+       "5 minutes, and when a token names an unknown key)", EDGE),
+    _s("jwt_issuer", str, "required iss of accepted JWTs (empty: not checked); also announced in "
+       "/.well-known/oauth-protected-resource", EDGE),
+    _s("jwt_audience", str, "required aud of accepted JWTs (empty: not checked)", EDGE),
+    _s("jwt_algorithms", list, "signature algorithms accepted on JWTs", EDGE),
+    _s("jwt_principal_claim", str, "JWT claim that names the principal", EDGE),
+    _s("rate_limit", float, "requests per second one principal may make through one gateway (token bucket, "
+       "else 429); 0: no limit", EDGE, minimum=0.0),
+    _s("rate_burst", int, "requests one principal may make at once before rate_limit applies", EDGE,
+       minimum=1),
+    _s("session_id_key", str, "secret that HMAC-tags minted session ids, so that forged ids are refused "
+       "without a store lookup; every gateway needs the same one; empty: untagged ids", EDGE),
     _s("allowed_origins", list, "Origin values allowed to call the gateway (else 403); '*' allows any",
        EDGE),
     _s("response_mode", str, "answer POSTs as 'sse' or 'json' when the client accepts both", EDGE,
@@ -125,11 +165,32 @@ class Config:
     upstream_request_timeout: float = 300.0
     kill_grace: float = 3.0
     max_sessions: int = 1000
+    max_sessions_per_principal: int = 0
+    upstream_max_memory: int = 0
+    upstream_max_cpu: int = 0
+    upstream_max_files: int = 0
+    upstream_workdir: str = ""
+    upstream_env: tuple[str, ...] = ()
     mailbox_depth: int = 64
     event_log_size: int = 1000
     stream_retry: float = 1.0
     max_message_bytes: int = 16 * 1024 * 1024
     max_body_bytes: int = 4 * 1024 * 1024
+    max_header_bytes: int = 8190
+    max_json_depth: int = 64
+    client_header_timeout: float = 30.0
+    client_body_timeout: float = 30.0
+    client_write_timeout: float = 30.0
+    auth: tuple[str, ...] = ()
+    auth_tokens_file: str = ""
+    jwt_jwks: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
+    jwt_principal_claim: str = "sub"
+    rate_limit: float = 0.0
+    rate_burst: int = 50
+    session_id_key: str = ""
     allowed_origins: tuple[str, ...] = field(
         default=("http://localhost", "http://127.0.0.1", "http://[::1]",
                  "https://localhost", "https://127.0.0.1", "https://[::1]"))
@@ -157,6 +218,18 @@ class Config:
         if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
             raise ConfigError(f"Cannot use upstream_url: got {self.upstream_url!r}, expected an http:// or "
                               "https:// URL")
+        if unknown := set(self.auth) - set(AUTH_METHODS):
+            raise ConfigError(f"Cannot use auth: got {', '.join(sorted(unknown))!r}, expected token, jwt or both")
+        if "token" in self.auth and not self.auth_tokens_file:
+            raise ConfigError("Cannot use auth=token without auth_tokens_file: it names who may call")
+        if "jwt" in self.auth and not self.jwt_jwks:
+            raise ConfigError("Cannot use auth=jwt without jwt_jwks: a file or URL of the signing keys")
+        if weak := [a for a in self.jwt_algorithms if a.lower() == "none" or a.upper().startswith("HS")]:
+            raise ConfigError(f"Cannot use jwt_algorithms {', '.join(weak)}: only public-key signatures "
+                              "are accepted")
+        for entry in self.upstream_env:
+            if not entry.partition("=")[0].isidentifier():
+                raise ConfigError(f"Cannot use upstream_env entry {entry!r}: expected NAME or NAME=VALUE")
         try:
             shlex.split(self.upstream_command)
         except ValueError as exc:

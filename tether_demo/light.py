@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
+import time
 from typing import Any
 
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
@@ -20,6 +22,13 @@ TOOLS = [
      "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
     {"name": "whoami", "description": "Which node and process serve this session.",
      "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "environment", "description": "This process's environment variables, working directory and "
+     "resource limits.", "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "burn_cpu", "description": "Spin until this process has used `seconds` of CPU (at most 60).",
+     "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}}, "required": ["seconds"]}},
+    {"name": "allocate", "description": "Allocate and touch `megabytes` of memory; says whether it could.",
+     "inputSchema": {"type": "object", "properties": {"megabytes": {"type": "integer"}},
+                     "required": ["megabytes"]}},
 ]
 
 
@@ -51,6 +60,23 @@ class Session:
             return _text(json.dumps(self.notes))
         if name == "whoami":
             return _text(json.dumps({"node": os.environ.get("TETHER_NODE_ID", "direct"), "pid": os.getpid()}))
+        if name == "environment":
+            limits = {name: resource.getrlimit(getattr(resource, f"RLIMIT_{name.upper()}"))
+                      for name in ("as", "cpu", "nofile", "core")}
+            return _text(json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "limits": limits}))
+        if name == "burn_cpu":
+            target = time.process_time() + min(float(args["seconds"]), 60.0)
+            deadline = time.monotonic() + 120.0  # bounded in wall time too, on a busy machine
+            while time.process_time() < target and time.monotonic() < deadline:
+                pass
+            return _text(f"burned {time.process_time():.2f}s of CPU")
+        if name == "allocate":
+            try:
+                block = bytearray(int(args["megabytes"]) * 1024 * 1024)
+            except MemoryError:
+                return {"content": [{"type": "text", "text": "MemoryError: the allocation was refused"}],
+                        "isError": True}
+            return _text(f"allocated {len(block) // (1024 * 1024)} MB")
         return {"content": [{"type": "text", "text": f"unknown tool {name!r}"}], "isError": True}
 
 
@@ -68,9 +94,13 @@ def main() -> None:
             continue
         if not isinstance(message, dict) or "id" not in message or "method" not in message:
             continue  # notifications and responses need no answer
+        params = message.get("params")
         try:
             answer = {"jsonrpc": "2.0", "id": message["id"],
-                      "result": session.handle(message["method"], message.get("params") or {})}
+                      "result": session.handle(message["method"], params if isinstance(params, dict) else {})}
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:  # arguments of the wrong shape
+            answer = {"jsonrpc": "2.0", "id": message["id"],
+                      "error": {"code": -32602, "message": f"Invalid params: {exc!r}"}}
         except LookupError:
             answer = {"jsonrpc": "2.0", "id": message["id"],
                       "error": {"code": -32601, "message": f"Method not found: {message['method']}"}}

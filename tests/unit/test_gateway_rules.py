@@ -4,7 +4,11 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from actors.ids import SessionIds, is_valid_session_id
+from actors.mcp import check_depth
 from gateway import rules
 from tether.config import Config
 from tether.errors import (
@@ -13,6 +17,7 @@ from tether.errors import (
     HeaderMismatch,
     NotAcceptable,
     ParseError,
+    TetherError,
     UnsupportedMediaType,
     UnsupportedProtocolVersion,
 )
@@ -43,7 +48,6 @@ def test_wildcard_allows_any_origin() -> None:
     ("application/json", "sse", "json"),
     ("text/event-stream", "json", "sse"),
     ("*/*", "sse", "sse"),
-    (None, "json", "json"),
 ])
 def test_post_answer_mode(accept: str | None, preferred: str, mode: str) -> None:
     assert rules.post_answer_mode("application/json; charset=utf-8", accept, preferred) == mode
@@ -56,6 +60,10 @@ def test_post_needs_json_content_and_an_acceptable_answer() -> None:
         rules.post_answer_mode("application/json", "text/html", "sse")
     with pytest.raises(NotAcceptable):
         rules.check_stream_accept("application/json")
+    with pytest.raises(NotAcceptable):  # a client must say what it accepts
+        rules.post_answer_mode("application/json", None, "sse")
+    with pytest.raises(NotAcceptable):
+        rules.check_stream_accept(None)
 
 
 def test_protocol_versions() -> None:
@@ -68,20 +76,20 @@ def test_protocol_versions() -> None:
 
 
 def test_parse_post() -> None:
-    post = rules.parse_post(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}', "2025-11-25")
+    post = rules.parse_post(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}', "2025-11-25", max_depth=64)
     assert post.initialize and post.has_requests and not post.batch
-    note = rules.parse_post(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', "2025-11-25")
+    note = rules.parse_post(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', "2025-11-25", max_depth=64)
     assert not note.has_requests
     with pytest.raises(ParseError):
-        rules.parse_post(b"{", "2025-11-25")
+        rules.parse_post(b"{", "2025-11-25", max_depth=64)
     with pytest.raises(BadRequest, match="batches are not allowed"):
-        rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', "2025-11-25")
-    batch = rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', "2025-03-26")
+        rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', "2025-11-25", max_depth=64)
+    batch = rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', "2025-03-26", max_depth=64)
     assert batch.batch
     with pytest.raises(BadRequest, match="initialize must not be part of a batch"):
-        rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"initialize"}]', "2025-03-26")
+        rules.parse_post(b'[{"jsonrpc":"2.0","id":1,"method":"initialize"}]', "2025-03-26", max_depth=64)
     with pytest.raises(BadRequest, match="exactly one"):
-        rules.parse_post(b'{"jsonrpc":"2.0","id":1}', "2025-11-25")
+        rules.parse_post(b'{"jsonrpc":"2.0","id":1}', "2025-11-25", max_depth=64)
 
 
 def test_stateless_fallback_names_the_handshake_revisions() -> None:
@@ -93,7 +101,7 @@ def test_stateless_fallback_names_the_handshake_revisions() -> None:
 
 def test_affinity_sources() -> None:
     post = rules.parse_post(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"ws":"w-7"}}}',
-                            "2025-11-25")
+                            "2025-11-25", max_depth=64)
     headers, cookies, query = {"X-Workspace": "w-1"}, {"ws": "w-2"}, {"ws": "w-3"}
     assert rules.AffinitySource.parse("header:X-Workspace").value(headers, cookies, query, post) == "w-1"
     assert rules.AffinitySource.parse("cookie:ws").value(headers, cookies, query, post) == "w-2"
@@ -115,7 +123,7 @@ MODERN = "2026-07-28"
 
 def modern_post(method: str, **params: object) -> rules.Post:
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
-    return rules.parse_post(orjson.dumps(body), MODERN)
+    return rules.parse_post(orjson.dumps(body), MODERN, max_depth=64)
 
 
 @pytest.mark.parametrize(("headers", "post", "complaint"), [
@@ -144,3 +152,52 @@ def test_modern_headers_that_agree_pass_base64_included() -> None:
                                modern_post("tools/call", name=name), MODERN)
     rules.check_modern_headers({"Mcp-Method": "tools/list"},
                                modern_post("tools/list", _meta={rules.PROTOCOL_META: MODERN}), MODERN)
+
+
+# -- properties: whatever a client sends, the rules answer with a 4xx or let it through ----------
+
+_TEXT = st.text(max_size=40)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+                     | _TEXT, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+                     max_leaves=30)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+@given(body=st.binary(max_size=300) | _JSON.map(orjson.dumps), version=st.sampled_from(
+    ["2024-11-05", "2025-03-26", "2025-11-25", "2026-07-28"]), headers=st.dictionaries(
+    st.sampled_from(["Mcp-Method", "Mcp-Name", "Origin", "Accept"]), _TEXT, max_size=4))
+def test_the_rules_refuse_with_a_4xx_or_pass(body: bytes, version: str, headers: dict[str, str]) -> None:
+    try:
+        post = rules.parse_post(body, version, max_depth=8)
+        if version == "2026-07-28":
+            rules.check_modern_headers(headers, post, version)
+        rules.check_origin(headers.get("Origin"), ("http://localhost",))
+        rules.post_answer_mode("application/json", headers.get("Accept"), "sse")
+    except TetherError as exc:
+        assert 400 <= exc.status < 500 and exc.message
+
+
+@given(value=_JSON, limit=st.integers(4, 12))
+def test_the_depth_check_agrees_with_the_parsed_depth(value: object, limit: int) -> None:
+    body = orjson.dumps(value)
+    try:
+        check_depth(body, limit)
+    except TetherError:
+        assert _depth(value) > limit
+    else:
+        assert _depth(value) <= limit
+
+
+@given(sid=st.text(max_size=80))
+def test_only_ids_we_minted_are_genuine(sid: str) -> None:
+    ids = SessionIds("key", "secret")
+    assert ids.genuine(ids.mint()) and ids.genuine(ids.for_name("w-1", "token:alice"))
+    assert not ids.genuine(sid)  # a guess is never genuine
+    assert SessionIds("", "secret").genuine(sid) == is_valid_session_id(sid)  # untagged: shape only
