@@ -6,6 +6,7 @@ speaks, and where an upstream message must be delivered lives here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -143,29 +144,25 @@ def _hashable(value: object) -> RequestId | None:
     return value if isinstance(value, str | int) else None
 
 
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 def check_depth(body: bytes, limit: int) -> None:
     """Refuse a JSON text nested deeper than `limit`. Raises `BadRequest` (400).
 
-    Counting brackets needs no parse: a body with no more opening brackets than
-    the limit cannot be too deep, which settles almost every message at C speed.
+    For a text orjson has already accepted. Every step runs at C speed: a body
+    with no more opening brackets than the limit cannot be too deep (nearly
+    every message stops there); otherwise strings are cut out, everything but
+    brackets dropped, and innermost pairs removed one level per pass.
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return
-    depth = 0
-    in_string = escaped = False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                raise BadRequest(f"Invalid Request: the message is nested more than {limit} levels deep")
-        elif byte in (0x5D, 0x7D):  # ] }
-            depth -= 1
+    brackets = _STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return
+        brackets = _INNERMOST.sub(b"", brackets)  # one pass, one level: a removal never joins a new pair
+    if brackets:
+        raise BadRequest(f"Invalid Request: the message is nested more than {limit} levels deep")

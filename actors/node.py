@@ -61,6 +61,9 @@ class Node:
         self.draining = False
         self.limits = ActorLimits(config.idle_timeout, config.mailbox_depth, config.event_log_size,
                                   config.kill_grace, config.upstream_request_timeout)
+        self.process_limits = ProcessLimits(config.upstream_max_memory, config.upstream_max_cpu,
+                                            config.upstream_max_files)
+        self.process_limits.check()
         self._http: aiohttp.ClientSession | None = None  # shared by every session's HTTP upstream
         self._tasks = TaskSet(f"node-{node_id}")  # session ends
         self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
@@ -167,9 +170,9 @@ class Node:
                         request_timeout=config.upstream_request_timeout)
         env = scrubbed_env({"TETHER_NODE_ID": self.node_id, "TETHER_SESSION_TAG": sid_tag(sid)},
                            allow=config.upstream_env)
-        limits = ProcessLimits(config.upstream_max_memory, config.upstream_max_cpu, config.upstream_max_files)
         return await StdioUpstream.start(self.argv, env=env, max_message_bytes=config.max_message_bytes,
-                                         limits=limits, workdir_in=config.upstream_workdir, name=sid_tag(sid))
+                                         limits=self.process_limits, workdir_in=config.upstream_workdir,
+                                         name=sid_tag(sid))
 
     async def _create(self, sid: str, initialize: Message | None, principal: str,
                       quota: str) -> tuple[SessionActor | None, Message | None]:

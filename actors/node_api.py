@@ -58,11 +58,11 @@ TASKS_KEY = web.AppKey("tasks", TaskSet)
 
 
 def _parse(body: bytes, max_depth: int) -> list[Message]:
-    check_depth(body, max_depth)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"Parse error: the message is not valid JSON ({exc})") from exc
+    check_depth(body, max_depth)
     return [check_message(m) for m in (data if isinstance(data, list) else [data])]
 
 

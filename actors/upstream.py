@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import orjson
 
 from actors.mcp import RequestId
-from tether.errors import UpstreamError
+from tether.errors import ConfigError, UpstreamError
 
 log = logging.getLogger("tether.node")
 
@@ -110,11 +110,22 @@ class ProcessLimits:
                  resource.RLIMIT_NOFILE: "nofile"}
         return [_PRLIMIT, *(f"--{names[which]}={soft}:{hard}" for which, (soft, hard) in self.rlimits()), "--"]
 
+    def check(self) -> None:
+        """Refuse limits the node itself cannot grant. Raises `ConfigError`."""
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if self.files and hard != resource.RLIM_INFINITY and self.files > hard:
+            raise ConfigError(f"Cannot use upstream_max_files: got {self.files}, but this node may open at "
+                              f"most {hard} files itself (ulimit -Hn)")
+
     def apply_to(self, pid: int) -> None:
         """Set the limits on a running process: the fallback where prlimit(1) is missing."""
         for which, values in self.rlimits():
-            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            try:
                 resource.prlimit(pid, which, values)
+            except (PermissionError, ValueError) as exc:
+                log.warning("upstream.limit_not_set", extra={"pid": pid, "detail": f"{which}: {exc}"})
+            except ProcessLookupError:
+                return
 
 
 def with_death_signal(argv: Sequence[str], sig: str = "KILL") -> list[str]:

@@ -188,21 +188,23 @@ class Authenticator:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise refuse("the token is not a valid JWT") from None
-        if self._clock() - self._keys_fetched > JWKS_REFRESH:
-            await self._load_keys()
+        await self._load_keys(older_than=JWKS_REFRESH)
         key = self._key_for(header.get("kid"))
-        if key is None and self._clock() - self._keys_fetched > JWKS_MIN_REFETCH:
-            await self._load_keys()  # the issuer may have rotated its keys
+        if key is None:
+            await self._load_keys(older_than=JWKS_MIN_REFETCH)  # the issuer may have rotated its keys
             key = self._key_for(header.get("kid"))
         if key is None:
             raise refuse("the token is signed with an unknown key")
         config = self.config
+        # The key decides the algorithm: a token may not pick one of another key type's.
+        if key.algorithm_name not in config.jwt_algorithms or header.get("alg") != key.algorithm_name:
+            raise refuse(f"the token's algorithm {str(header.get('alg'))[:20]!r} is not its key's")
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key.key, algorithms=list(config.jwt_algorithms), audience=config.jwt_audience or None,
+                token, key.key, algorithms=[key.algorithm_name], audience=config.jwt_audience or None,
                 issuer=config.jwt_issuer or None, leeway=JWT_LEEWAY,
                 options={"require": ["exp"], "verify_aud": bool(config.jwt_audience)})
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
             raise refuse(f"the token was refused ({_plain(exc)})") from None
         name = claims.get(config.jwt_principal_claim)
         if not isinstance(name, str) or not name:
@@ -215,9 +217,15 @@ class Authenticator:
             return keys[0] if len(keys) == 1 else None
         return next((k for k in keys if k.key_id == kid), None)
 
-    async def _load_keys(self) -> None:
-        """Read the JWKS; on failure keep the keys we have (an issuer's outage must not lock everyone out)."""
+    async def _load_keys(self, older_than: float = 0.0) -> None:
+        """Read the JWKS unless the keys are younger than `older_than` seconds; on failure keep the
+        keys we have (an issuer's outage must not lock everyone out). One read at a time: requests
+        that queue behind a read use what it found."""
+        if self._clock() - self._keys_fetched < older_than:
+            return
         async with self._fetch_lock:
+            if self._clock() - self._keys_fetched < older_than:
+                return
             source = self.config.jwt_jwks
             try:
                 if source.startswith(("http://", "https://")):

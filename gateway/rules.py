@@ -139,11 +139,11 @@ class Post:
 def parse_post(body: bytes, version: str, *, max_depth: int) -> Post:
     """Parse and check a POST body. Raises `ParseError` for bad JSON, `BadRequest` for bad JSON-RPC or
     nesting deeper than `max_depth`."""
-    check_depth(body, max_depth)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"Parse error: the body is not valid JSON ({exc})") from None
+    check_depth(body, max_depth)
     if isinstance(data, list):
         if not allows_batch(version):
             raise BadRequest(f"Invalid Request: JSON-RPC batches are not allowed in protocol revision {version}")

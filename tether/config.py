@@ -109,9 +109,10 @@ SETTINGS: tuple[Setting, ...] = (
        "(`tether token NAME` makes one)", EDGE),
     _s("jwt_jwks", str, "JWKS that signs accepted JWTs: a file path or an https:// URL (re-read every "
        "5 minutes, and when a token names an unknown key)", EDGE),
-    _s("jwt_issuer", str, "required iss of accepted JWTs (empty: not checked); also announced in "
+    _s("jwt_issuer", str, "iss every accepted JWT must carry (required with auth=jwt); also announced in "
        "/.well-known/oauth-protected-resource", EDGE),
-    _s("jwt_audience", str, "required aud of accepted JWTs (empty: not checked)", EDGE),
+    _s("jwt_audience", str, "aud every accepted JWT must carry (required with auth=jwt): this gateway's "
+       "resource identifier", EDGE),
     _s("jwt_algorithms", list, "signature algorithms accepted on JWTs", EDGE),
     _s("jwt_principal_claim", str, "JWT claim that names the principal", EDGE),
     _s("rate_limit", float, "requests per second one principal may make through one gateway (token bucket, "
@@ -222,8 +223,10 @@ class Config:
             raise ConfigError(f"Cannot use auth: got {', '.join(sorted(unknown))!r}, expected token, jwt or both")
         if "token" in self.auth and not self.auth_tokens_file:
             raise ConfigError("Cannot use auth=token without auth_tokens_file: it names who may call")
-        if "jwt" in self.auth and not self.jwt_jwks:
-            raise ConfigError("Cannot use auth=jwt without jwt_jwks: a file or URL of the signing keys")
+        if "jwt" in self.auth and not (self.jwt_jwks and self.jwt_issuer and self.jwt_audience):
+            raise ConfigError("Cannot use auth=jwt without jwt_jwks, jwt_issuer and jwt_audience: the signing "
+                              "keys, and the issuer and audience a token must name (a token for another "
+                              "service must not work here)")
         if weak := [a for a in self.jwt_algorithms if a.lower() == "none" or a.upper().startswith("HS")]:
             raise ConfigError(f"Cannot use jwt_algorithms {', '.join(weak)}: only public-key signatures "
                               "are accepted")

@@ -24,8 +24,12 @@ _SECRETS = re.compile(r"(?i)(bearer\s+|x-api-key['\"]?\s*[:=,]\s*['\"]?|x-tether
                       r"[^\s'\",;]+|\beyJ[\w-]+\.[\w-]+\.[\w-]*")
 
 
+_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@")  # redis://:password@host, https://user:pw@
+
+
 def redact(text: str) -> str:
     """`text` with credentials masked."""
+    text = _USERINFO.sub(r"\1[redacted]@", text)
     return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
 
 

@@ -147,7 +147,8 @@ end
 return 0
 """
 
-# KEYS[1] owner, KEYS[2] epoch, KEYS[3] the principal's quota set
+# KEYS[1] owner, KEYS[2] epoch, KEYS[3] the principal's quota set (only with a quota, so that a grant
+# without one touches a single hash slot)
 # ARGV[1] node, ARGV[2] incarnation, ARGV[3] node and ARGV[4] incarnation of a dead owner it may replace,
 # ARGV[5] the key, ARGV[6] the principal's limit (0: no quota), ARGV[7] the principal ('' for none)
 # Grants the key with the next epoch unless someone else holds it (TETHER_OWNED) or the principal holds
@@ -161,7 +162,7 @@ local limit = tonumber(ARGV[6])
 if limit > 0 then
   local live = 0
   for _, k in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-    if k ~= ARGV[5] and redis.call('EXISTS', 'tether:{' .. k .. '}:owner') == 1 then
+    if k ~= ARGV[5] and redis.call('HGET', 'tether:{' .. k .. '}:owner', 'principal') == ARGV[7] then
       live = live + 1
     else
       redis.call('SREM', KEYS[3], k)
@@ -307,11 +308,13 @@ class RedisStore:
             replace = (current.node_id, current.incarnation)  # a dead owner: fenced out by the new epoch
         await self._call("index a grant", self._redis.sadd(owned_key(node_id), key))
         principal, limit = (quota.principal, quota.limit) if quota else ("", 0)
+        keys = [owner_key(key), epoch_key(key), *([quota_key(principal)] if quota else [])]
         try:
             epoch = await self._call(f"grant {key[:8]}...", self._grant(
-                keys=[owner_key(key), epoch_key(key), quota_key(principal)],
-                args=[node_id, incarnation, *replace, key, limit, principal]))
+                keys=keys, args=[node_id, incarnation, *replace, key, limit, principal]))
         except StoreError as exc:
+            with contextlib.suppress(StoreError):  # a refused grant leaves no index entry behind
+                await self._call("unindex a refused grant", self._redis.srem(owned_key(node_id), key))
             if quota is not None and "TETHER_QUOTA" in exc.message:
                 raise quota_exceeded(quota) from exc
             raise

@@ -350,3 +350,18 @@ async def test_logs_hold_no_credentials_and_no_whole_session_ids(guarded: Guarde
         assert secret not in log
     for path in Path(guarded.up.log_path).parent.glob("*.log"):
         assert guarded.tokens["alice"] not in path.read_text()
+
+
+async def test_a_jwt_that_picks_another_key_types_algorithm_is_401(guarded: Guarded,
+                                                                   http: aiohttp.ClientSession) -> None:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": "tether-tests", "sub": "mallory", "exp": now + 60}
+    token = jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                       headers={"kid": "test-key-1"})  # the RSA key's kid, an EC signature
+    status, headers, body = await RawClient(http, guarded.up.mcp_url, {"Authorization": f"Bearer {token}"}).post(
+        initialize_message())
+    assert status == 401 and "algorithm" in message_of(body), body
+    assert "Traceback" not in guarded.up.log()

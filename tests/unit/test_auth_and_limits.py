@@ -60,13 +60,17 @@ def test_logs_mask_credentials() -> None:
     for secret in ("tt_abc-123", "k_456", "eyJhbGciOiJSUzI1NiJ9", "s3cret"):
         assert secret not in masked
     assert masked.count("[redacted]") == 4 and "auth failed for" in masked
+    assert redact("Redis at redis://:hunter2@10.0.0.1:6379/0 is unreachable") == \
+        "Redis at redis://[redacted]@10.0.0.1:6379/0 is unreachable"
 
 
 @pytest.mark.parametrize(("settings", "says"), [
     ({"auth": ("token",)}, "auth_tokens_file"),
     ({"auth": ("jwt",)}, "jwt_jwks"),
+    ({"auth": ("jwt",), "jwt_jwks": "keys.json", "jwt_issuer": "https://idp"}, "jwt_audience"),
     ({"auth": ("password",)}, "expected token, jwt or both"),
-    ({"auth": ("jwt",), "jwt_jwks": "keys.json", "jwt_algorithms": ("HS256",)}, "public-key"),
+    ({"auth": ("jwt",), "jwt_jwks": "k.json", "jwt_issuer": "i", "jwt_audience": "a",
+      "jwt_algorithms": ("HS256",)}, "public-key"),
     ({"upstream_env": ("NOT A NAME",)}, "NAME or NAME=VALUE"),
 ])
 def test_unsafe_settings_are_refused(settings: dict[str, object], says: str) -> None:

@@ -253,3 +253,12 @@ async def test_a_principal_holds_at_most_its_quota_of_live_keys(h: Harness) -> N
     await h.store.grant("q-5", "node-a", A.incarnation, quota)
     await h.lapse("node-a")  # a dead node's sessions are not counted against anyone
     await h.store.grant("q-6", "node-b", B.incarnation, quota)
+
+
+async def test_a_key_counts_only_against_the_principal_that_holds_it_now(h: Harness) -> None:
+    await h.store.heartbeat(A, ttl=h.short)
+    await h.store.heartbeat(B, ttl=LONG)
+    await h.store.grant("named", "node-a", A.incarnation, Quota("tenant-1", 1))
+    await h.lapse("node-a")  # swept with its node; then another principal activates the same name
+    await h.store.grant("named", "node-b", B.incarnation, Quota("tenant-2", 1))
+    assert (await h.store.grant("own", "node-b", B.incarnation, Quota("tenant-1", 1))).principal == "tenant-1"
