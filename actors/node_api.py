@@ -57,12 +57,15 @@ NODE_KEY = web.AppKey("node", Node)
 TASKS_KEY = web.AppKey("tasks", TaskSet)
 
 
-def _parse(body: bytes, max_depth: int) -> list[Message]:
+def _parse(body: bytes, max_depth: int | None = None) -> list[Message]:
+    """Client messages from a body. Only channel frames need `max_depth`: the gateway checked every
+    other body before it crossed the link, but passes a WebSocket's frames on as they came."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"Parse error: the message is not valid JSON ({exc})") from exc
-    check_depth(body, max_depth)
+    if max_depth is not None:
+        check_depth(body, max_depth)
     return [check_message(m) for m in (data if isinstance(data, list) else [data])]
 
 
@@ -73,14 +76,13 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     mode = request.headers.get(RESPONSE_HEADER, JSON)
     if mode not in MODES:
         raise BadRequest(f"Bad Request: {RESPONSE_HEADER} must be one of {', '.join(MODES)}")
-    depth = node.config.max_json_depth
     if request.headers.get(CREATE_HEADER):
-        return await _create(request, node, sid, _parse(body, depth) if body else [], mode)
+        return await _create(request, node, sid, _parse(body) if body else [], mode)
     actor = node.live(sid, request.headers.get(PRINCIPAL_HEADER, ""))
     actor.lease.touch(node.clock())
     if mode == CHANNEL:
         return _to_channel(node, actor, body)
-    messages = _parse(body, depth)
+    messages = _parse(body)
     stream = actor.submit(messages, mode)
     for message in messages:
         node.metrics.messages[kind_of(message).value].inc()

@@ -93,7 +93,7 @@ class Gateway:
         """Who the client is, if it may call at all: Origin, credentials, then its request rate.
         Raises `Forbidden` (403), `Unauthorized` (401) or `QuotaExceeded` (429)."""
         rules.check_origin(request.headers.get("Origin"), self.config.allowed_origins)
-        base = f"{request.scheme}://{request.host}"
+        base = f"{request.scheme}://{request.host}" if self.auth.enabled else ""  # only a challenge needs it
         try:
             principal = await self.auth.identify(request.headers, request.remote, base)
         except TetherError:

@@ -180,6 +180,11 @@ class RawClient:
         return orjson.loads(answer["result"]["content"][0]["text"])  # type: ignore[no-any-return]
 
 
+def error_message(body: bytes) -> str:
+    """The message of a JSON-RPC error answer."""
+    return str(orjson.loads(body)["error"]["message"])
+
+
 def sse_messages(body: bytes) -> list[dict[str, Any]]:
     """The JSON-RPC messages in an SSE body."""
     return [orjson.loads(line[5:]) for line in body.splitlines() if line.startswith(b"data:")]
@@ -246,13 +251,7 @@ class RedisServer:
         return read_until(self.process, b"Ready to accept connections", timeout) is not None
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        stop_process(self.process)
         self.process = None
 
 
@@ -277,10 +276,15 @@ class HttpMcpServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-            self.process.wait(10)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
-            self.process = None
+        stop_process(self.process)
+        self.process = None
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a child we started (by its PID), reap it, and close its pipe."""
+    if process is not None:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()

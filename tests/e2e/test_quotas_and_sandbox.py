@@ -18,7 +18,15 @@ import orjson
 import pytest
 
 from tests.guarded import Guarded, start_guarded
-from tests.support import RawClient, TetherUp, call_tool, initialize_message, wait_process_gone, wait_until
+from tests.support import (
+    RawClient,
+    TetherUp,
+    call_tool,
+    error_message,
+    initialize_message,
+    wait_process_gone,
+    wait_until,
+)
 from tests.topology import LIGHT
 
 PING = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
@@ -33,10 +41,6 @@ def quotas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
     assert g.up.stop() == 0, g.up.log()[-3000:]
 
 
-def message_of(body: bytes) -> str:
-    return str(orjson.loads(body)["error"]["message"])
-
-
 async def test_sessions_per_principal_are_capped_then_freed(quotas: Guarded, http: aiohttp.ClientSession) -> None:
     alice = RawClient(http, quotas.up.mcp_url, quotas.auth("alice"))
     bob = RawClient(http, quotas.up.mcp_url, quotas.auth("bob"))
@@ -44,7 +48,7 @@ async def test_sessions_per_principal_are_capped_then_freed(quotas: Guarded, htt
     assert {(await alice.whoami(s))["node"] for s in (first, second)} <= {"node-1", "node-2"}
     status, headers, body = await alice.post(initialize_message())
     assert status == 429 and int(headers["Retry-After"]) >= 1
-    assert "max_sessions_per_principal" in message_of(body)
+    assert "max_sessions_per_principal" in error_message(body)
     ws_url = quotas.up.base_url.replace("http", "ws", 1) + "/ws"
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # every transport counts
         await http.ws_connect(ws_url, protocols=("mcp",), headers=alice.headers)
@@ -65,7 +69,7 @@ async def test_request_rate_per_principal_is_a_token_bucket(quotas: Guarded, htt
     statuses = [status for status, _, _ in answers]
     assert statuses[:10] == [200] * 10 and 429 in statuses  # the burst, then the bucket is empty
     status, headers, body = next(a for a in answers if a[0] == 429)
-    assert int(headers["Retry-After"]) >= 1 and "Too Many Requests" in message_of(body)
+    assert int(headers["Retry-After"]) >= 1 and "Too Many Requests" in error_message(body)
     calm_sid = await calm.initialize()  # a principal's bucket is its own
     assert (await calm.post(PING, sid=calm_sid))[0] == 200
 

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.guarded import ISSUER, LIMITS, SECRET, SESSION_KEY, Guarded
-from tests.support import ACCEPT_BOTH, RawClient, call_tool, initialize_message
+from tests.support import ACCEPT_BOTH, RawClient, call_tool, error_message, initialize_message
 
 LIST = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
 
@@ -35,10 +35,6 @@ def alice(http: aiohttp.ClientSession, guarded: Guarded) -> RawClient:
 @pytest.fixture
 def bob(http: aiohttp.ClientSession, guarded: Guarded) -> RawClient:
     return RawClient(http, guarded.up.mcp_url, guarded.auth("bob"))
-
-
-def message_of(body: bytes) -> str:
-    return str(orjson.loads(body)["error"]["message"])
 
 
 async def count(client: RawClient, sid: str) -> int:
@@ -58,7 +54,7 @@ async def test_no_credentials_is_401_with_a_challenge(guarded: Guarded, http: ai
     metadata_url = f"{guarded.up.base_url}/.well-known/oauth-protected-resource"
     assert f'resource_metadata="{metadata_url}"' in challenge
     assert "error=" not in challenge  # no token is not an invalid token
-    assert "bearer token" in message_of(body)
+    assert "bearer token" in error_message(body)
     status, headers, body = await anonymous.post(initialize_message(), headers={"Authorization": "Bearer nope"})
     assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
     async with http.get(metadata_url) as resp:  # where an MCP client learns whom to ask for a token
@@ -97,7 +93,7 @@ async def test_bad_jwts_are_401(guarded: Guarded, http: aiohttp.ClientSession, c
     status, headers, body = await RawClient(http, guarded.up.mcp_url, {"Authorization": f"Bearer {token}"}).post(
         initialize_message())
     assert status == 401, body
-    assert why.lower() in message_of(body).lower() and 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert why.lower() in error_message(body).lower() and 'error="invalid_token"' in headers["WWW-Authenticate"]
 
 
 async def test_an_unsigned_jwt_is_refused(guarded: Guarded, http: aiohttp.ClientSession) -> None:
@@ -136,7 +132,7 @@ async def test_forged_session_ids_are_refused_without_a_store_lookup(guarded: Gu
     before = await refused_forged(http, guarded)
     for forged in (sid[:32] + "A" * 22, "B" * 32 + sid[32:], "C" * 54):
         status, _, body = await alice.post(LIST, sid=forged)
-        assert status == 404 and message_of(body) == "Session not found"
+        assert status == 404 and error_message(body) == "Session not found"
     assert await refused_forged(http, guarded) == before + 3
     assert await count(alice, sid) == 1
 
@@ -320,7 +316,7 @@ async def test_hostile_input_loses_nothing(guarded: Guarded, alice: RawClient, b
 def said(answer: bytes) -> str:
     """What an answer tells the client: a JSON-RPC error's message, or the text of a plain body."""
     try:
-        return message_of(answer)
+        return error_message(answer)
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return answer.decode(errors="replace")
 
@@ -363,5 +359,5 @@ async def test_a_jwt_that_picks_another_key_types_algorithm_is_401(guarded: Guar
                        headers={"kid": "test-key-1"})  # the RSA key's kid, an EC signature
     status, headers, body = await RawClient(http, guarded.up.mcp_url, {"Authorization": f"Bearer {token}"}).post(
         initialize_message())
-    assert status == 401 and "algorithm" in message_of(body), body
+    assert status == 401 and "algorithm" in error_message(body), body
     assert "Traceback" not in guarded.up.log()
