@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import orjson
@@ -201,13 +202,38 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+MAX_DRAIN_WAIT = 60.0
+
+
 async def admin_drain(request: web.Request) -> web.Response:
     """Start draining (as SIGTERM does); the node exits once the drain is done. Needs the secret."""
     node = request.app[NODE_KEY]
     if not node.draining:
         request.app[TASKS_KEY].spawn(node.drain(node.config.drain_timeout), "drain")
-    return web.json_response({"draining": True, "sessions": len(node.actors),
-                              "drain_timeout": node.config.drain_timeout}, status=202)
+    return _drain_status(node, status=202)
+
+
+async def drain_status(request: web.Request) -> web.Response:
+    """Where the drain is; with `?wait=SECONDS` (at most 60) answer once it is done or the wait ends."""
+    node = request.app[NODE_KEY]
+    raw = request.query.get("wait", "0")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = math.nan
+    if not wait >= 0:
+        raise BadRequest(f"Bad Request: wait must be a number of seconds, got {raw!r}")
+    if node.draining and wait > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(wait, MAX_DRAIN_WAIT)):
+                await node.drained.wait()
+    return _drain_status(node)
+
+
+def _drain_status(node: Node, status: int = 200) -> web.Response:
+    return web.json_response({"draining": node.draining, "drained": node.drained.is_set(),
+                              "sessions": len(node.actors), "drain_timeout": node.config.drain_timeout},
+                             status=status)
 
 
 def build_node_app(node: Node) -> web.Application:
@@ -216,6 +242,7 @@ def build_node_app(node: Node) -> web.Application:
                           client_max_size=node.config.max_body_bytes)
     app[TASKS_KEY] = TaskSet(f"node-{node.node_id}-admin")
     app.router.add_post("/admin/drain", admin_drain)
+    app.router.add_get("/admin/drain", drain_status)
     app[NODE_KEY] = node
     path = SESSIONS_PATH + "/{sid}"
     app.add_routes([web.post(path, post_message), web.get(path, open_stream),

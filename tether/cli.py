@@ -16,7 +16,7 @@ from tether import __version__
 from tether.config import GW, NODE, SETTINGS, UP, Config, load, read_toml
 from tether.errors import ConfigError
 
-TOKEN = "token"
+TOKEN, DRAIN, HEALTH = "token", "drain", "health"
 
 if TYPE_CHECKING:
     from actors.store.base import Store
@@ -45,23 +45,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "to add to auth_tokens_file (only its SHA-256 is kept) on the second.")
     token.add_argument("principal", help="who the token speaks for; sessions are bound to this name")
     for command in (UP, GW, NODE):
-        sub = commands.add_parser(command, help=DESCRIPTIONS[command].split(".")[0],
-                                  description=DESCRIPTIONS[command], epilog=EPILOG)
-        sub.add_argument("--config", metavar="FILE", help="TOML config file (also TETHER_CONFIG)")
-        for setting in SETTINGS:
-            if command in setting.commands:
-                default = getattr(Config(), setting.name)
-                shown = ",".join(default) if isinstance(default, tuple) else default
-                sub.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),
-                                 help=f"{setting.help} [{setting.env}; default: {shown!r}]")
+        _add_settings(commands.add_parser(command, help=DESCRIPTIONS[command].split(".")[0],
+                                          description=DESCRIPTIONS[command], epilog=EPILOG), command)
+    _add_settings(commands.add_parser(
+        DRAIN, help="Drain the node on this host and wait until it is done (a preStop hook)",
+        description="Ask the node listening on this host's port to drain, then wait until its sessions have "
+                    "ended or its drain_timeout has passed. Reads the node's own settings (config file, "
+                    "TETHER_* variables), so in its container it needs no arguments.", epilog=EPILOG), NODE)
+    health = commands.add_parser(
+        HEALTH, help="Check the Tether process on this host (a container health check)",
+        description="GET /healthz (or --path) on this host's port; exit 0 on 200.", epilog=EPILOG)
+    health.add_argument("--path", default="/healthz", help="probe path: /healthz or /readyz")
+    _add_settings(health, GW)
     return parser
+
+
+def _add_settings(sub: argparse.ArgumentParser, command: str) -> None:
+    sub.add_argument("--config", metavar="FILE", help="TOML config file (also TETHER_CONFIG)")
+    for setting in SETTINGS:
+        if command in setting.commands:
+            default = getattr(Config(), setting.name)
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            sub.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),
+                             help=f"{setting.help} [{setting.env}; default: {shown!r}]")
 
 
 def resolve(command: str, args: argparse.Namespace, env: dict[str, str]) -> Config:
     """Merge the config file, the environment and the flags for `command`."""
     path = args.config or env.get("TETHER_CONFIG")
     toml = read_toml(Path(path)) if path else None
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "path")}
     return load(command, toml=toml, env=env, flags=flags, toml_source=str(path))
 
 
@@ -70,10 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == TOKEN:
         return _token(args.principal)
     try:
-        config = resolve(args.command, args, dict(os.environ))
+        config = resolve(NODE if args.command == DRAIN else args.command, args, dict(os.environ))
     except ConfigError as exc:
         print(f"tether {args.command}: {exc.message}", file=sys.stderr)
         return 2
+    if args.command in (DRAIN, HEALTH):
+        from tether.probes import check_health, drain_node
+
+        return _run(drain_node(config) if args.command == DRAIN else check_health(config, args.path))
     from tether.logs import configure
 
     configure(args.command, config.log_level)
