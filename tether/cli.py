@@ -231,8 +231,10 @@ async def _node(config: Config) -> int:
         async with serve_node(config, store, upstream_argv(config)) as node:
             print(f"tether node: {node.node_id} at {node.url}", flush=True)
             signalled = waits.spawn(wait_for_signal(), "signals")
-            drained = waits.spawn(node.drained.wait(), "drained")
-            await asyncio.wait([signalled, drained], return_when=asyncio.FIRST_COMPLETED)
+            ends = [signalled]
+            if config.exit_when_drained:
+                ends.append(waits.spawn(node.drained.wait(), "drained"))
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             if signalled.done() and signalled.result() == signal.SIGTERM:
                 await node.drain(config.drain_timeout)
     finally:

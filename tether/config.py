@@ -136,6 +136,9 @@ SETTINGS: tuple[Setting, ...] = (
        ALL),
     _s("drain_timeout", float, "seconds a draining node keeps serving its sessions before it ends them",
        ACTOR, minimum=0.0),
+    _s("exit_when_drained", bool, "exit as soon as a drain (SIGTERM or POST /admin/drain) is done; false: "
+       "stay up, not ready, until SIGTERM, so a preStop hook that drains the node ends before the process",
+       frozenset({NODE})),
     _s("store", str, "where membership and ownership live: 'memory' (embedded, in the gateway) "
        "or the gateway's store URL for a separate node", ALL),
     _s("advertise", str, "URL gateways use to reach this node (default http://HOST:PORT)",
@@ -202,6 +205,7 @@ class Config:
     heartbeat_ttl: float = 10.0
     redis: str = ""
     drain_timeout: float = 300.0
+    exit_when_drained: bool = True
     store: str = "memory"
     advertise: str = ""
     node_id: str = ""

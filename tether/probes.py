@@ -33,6 +33,11 @@ def _say(message: str) -> None:
     print(f"tether drain: {message}", flush=True)
 
 
+# The node is gone: nothing listens, or it closed the connection as it exited.
+GONE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+RETRY = 1.0  # seconds before asking again a node that did not answer
+
+
 async def drain_node(config: Config) -> int:
     """Start the node's drain and wait for it to finish. 0 when drained or the node is gone."""
     if not config.port:
@@ -41,23 +46,29 @@ async def drain_node(config: Config) -> int:
     url = local_url(config, "/admin/drain")
     headers = {SECRET_HEADER: config.internal_secret}
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + config.drain_timeout + DRAIN_SLACK
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DRAIN_POLL + 10)) as http:
+    async with aiohttp.ClientSession() as http:
         try:
-            status = await _call(http, "POST", url, headers)
-        except aiohttp.ClientConnectionError:
+            status = await _call(http, "POST", url, headers, timeout=10)
+        except GONE:
             _say(f"no node answers at {url}: nothing to drain")
             return 0
-        except PermissionError as exc:
-            print(f"tether drain: {exc}", file=sys.stderr)
+        except (PermissionError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            print(f"tether drain: could not start the drain at {url}: {exc}", file=sys.stderr)
             return 1
+        # The node's own drain_timeout decides, whatever this command was configured with.
+        deadline = loop.time() + float(status["drain_timeout"]) + DRAIN_SLACK
         _say(f"draining {status['sessions']} sessions, for up to {status['drain_timeout']:g} s")
         while (left := deadline - loop.time()) > 0:
+            wait = min(DRAIN_POLL, left)
             try:
-                status = await _call(http, "GET", f"{url}?wait={min(DRAIN_POLL, left):.1f}", headers)
-            except aiohttp.ClientConnectionError:
+                status = await _call(http, "GET", f"{url}?wait={wait:.1f}", headers, timeout=wait + 10)
+            except GONE:
                 _say("the node has stopped")
                 return 0
+            except (PermissionError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                _say(f"no answer from the node ({exc!r}); asking again")
+                await asyncio.sleep(min(RETRY, max(0.0, deadline - loop.time())))
+                continue
             if status["drained"]:
                 _say("drained")
                 return 0
@@ -66,8 +77,9 @@ async def drain_node(config: Config) -> int:
     return 1
 
 
-async def _call(http: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str]) -> dict[str, Any]:
-    async with http.request(method, url, headers=headers) as response:
+async def _call(http: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str],
+                timeout: float) -> dict[str, Any]:
+    async with http.request(method, url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
         if response.status == 401:
             raise PermissionError("the node refused the internal secret (set internal_secret as the node has it)")
         response.raise_for_status()

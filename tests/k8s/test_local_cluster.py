@@ -118,9 +118,13 @@ async def test_prod_topology_serves_sessions_and_drains_a_node_by_its_prestop_ho
         assert await metric(http, base_url(cluster, owner), "tether_node_sessions_active") == 1
         assert hook.poll() is None  # still draining: a session is open
 
-    # The client closed its session (DELETE): the drain is done, the hook returns 0, the node exits.
+    # The client closed its session (DELETE): the drain is done and the hook returns 0, while the
+    # node waits, not ready, for the SIGTERM the kubelet sends next; then it exits 0.
     output, _ = await asyncio.to_thread(hook.communicate, timeout=30)
     assert hook.returncode == 0, output
     assert b"drained" in output
+    assert owner.processes["node"].poll() is None
+    assert await cluster.probe(http, owner, "node", "readinessProbe") == 503
+    cluster.terminate(owner)
     assert await asyncio.to_thread(owner.processes["node"].wait, 30) == 0
     assert (await raw.call(fresh, call_tool(11, "increment")))["result"]["structuredContent"]["result"] == 2
