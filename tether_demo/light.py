@@ -1,8 +1,11 @@
-"""A light stateful MCP server over stdio, standard library only: starts in milliseconds.
+"""A light stateful MCP server, standard library only over stdio: starts in milliseconds.
 
 The same per-session state as the demo (a counter, notes, whoami), for load
 tests and tests that start hundreds of sessions, where importing the SDK
-would cost each one about a second of CPU. Run: python -m tether_demo.light
+would cost each one about a second of CPU; and `tick`, a numbered stream of
+server notifications, for the stream scenarios. Over stdio one process is one
+session: python -m tether_demo.light. Over Streamable HTTP one process serves
+many (tether_demo.light_http).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
@@ -29,13 +34,35 @@ TOOLS = [
     {"name": "allocate", "description": "Allocate and touch `megabytes` of memory; says whether it could.",
      "inputSchema": {"type": "object", "properties": {"megabytes": {"type": "integer"}},
                      "required": ["megabytes"]}},
+    {"name": "tick", "description": "Send `count` notifications/message, numbered from 1, one every `interval` "
+     "seconds, to this session's stream; returns at once.",
+     "inputSchema": {"type": "object", "properties": {"interval": {"type": "number"}, "count": {"type": "integer"}},
+                     "required": ["interval", "count"]}},
+    {"name": "ticks_sent", "description": "How many tick notifications this session has sent so far.",
+     "inputSchema": {"type": "object", "properties": {}}},
 ]
+MAX_TICKS = 1_000_000
+MIN_TICK_INTERVAL = 0.001
+
+# Starts `count` ticks, one every `interval` seconds, each by calling `send` (transport-specific).
+TickStarter = Callable[[float, int, Callable[[], None]], None]
 
 
 class Session:
-    def __init__(self) -> None:
+    def __init__(self, start_ticks: TickStarter | None = None, notify: Callable[[dict[str, Any]], None] | None = None,
+                 ) -> None:
         self.counter = 0
         self.notes: list[str] = []
+        self.ticks_sent = 0
+        self._start_ticks = start_ticks
+        self._notify = notify
+
+    def tick(self) -> None:
+        """Send the next numbered notification."""
+        self.ticks_sent += 1
+        if self._notify is not None:
+            self._notify({"jsonrpc": "2.0", "method": "notifications/message",
+                          "params": {"level": "info", "logger": "tick", "data": {"seq": self.ticks_sent}}})
 
     def handle(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "initialize":
@@ -77,6 +104,12 @@ class Session:
                 return {"content": [{"type": "text", "text": "MemoryError: the allocation was refused"}],
                         "isError": True}
             return _text(f"allocated {len(block) // (1024 * 1024)} MB")
+        if name == "tick" and self._start_ticks is not None:
+            interval, count = max(float(args["interval"]), MIN_TICK_INTERVAL), min(int(args["count"]), MAX_TICKS)
+            self._start_ticks(interval, count, self.tick)
+            return _text(f"ticking {count} times every {interval:g} s")
+        if name == "ticks_sent":
+            return _text(str(self.ticks_sent))
         return {"content": [{"type": "text", "text": f"unknown tool {name!r}"}], "isError": True}
 
 
@@ -84,28 +117,48 @@ def _text(text: str) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": False}
 
 
+def answer(session: Session, message: object) -> dict[str, Any] | None:
+    """The JSON-RPC answer to one client message; None for notifications and responses."""
+    if not isinstance(message, dict) or "id" not in message or "method" not in message:
+        return None
+    params = message.get("params")
+    try:
+        return {"jsonrpc": "2.0", "id": message["id"],
+                "result": session.handle(message["method"], params if isinstance(params, dict) else {})}
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:  # arguments of the wrong shape
+        return {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32602, "message": f"Invalid params: {exc!r}"}}
+    except LookupError:
+        return {"jsonrpc": "2.0", "id": message["id"],
+                "error": {"code": -32601, "message": f"Method not found: {message['method']}"}}
+
+
 def main() -> None:
-    session = Session()
     out = sys.stdout
+    lock = threading.Lock()  # ticks write from their own thread
+
+    def write(message: dict[str, Any]) -> None:
+        with lock:
+            out.write(json.dumps(message) + "\n")
+            out.flush()
+
+    def start_ticks(interval: float, count: int, tick: Callable[[], None]) -> None:
+        def run() -> None:
+            next_at = time.monotonic()
+            for _ in range(count):
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                tick()
+
+        threading.Thread(target=run, daemon=True, name="ticks").start()
+
+    session = Session(start_ticks, write)
     for line in sys.stdin:
         try:
             message = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(message, dict) or "id" not in message or "method" not in message:
-            continue  # notifications and responses need no answer
-        params = message.get("params")
-        try:
-            answer = {"jsonrpc": "2.0", "id": message["id"],
-                      "result": session.handle(message["method"], params if isinstance(params, dict) else {})}
-        except (AttributeError, TypeError, ValueError, KeyError) as exc:  # arguments of the wrong shape
-            answer = {"jsonrpc": "2.0", "id": message["id"],
-                      "error": {"code": -32602, "message": f"Invalid params: {exc!r}"}}
-        except LookupError:
-            answer = {"jsonrpc": "2.0", "id": message["id"],
-                      "error": {"code": -32601, "message": f"Method not found: {message['method']}"}}
-        out.write(json.dumps(answer) + "\n")
-        out.flush()
+        if (reply := answer(session, message)) is not None:
+            write(reply)
 
 
 if __name__ == "__main__":
