@@ -1,5 +1,5 @@
 import sys
 
-from loadtest.tools import main
+from loadtest.cli import main
 
 sys.exit(main())

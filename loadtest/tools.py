@@ -1,117 +1,107 @@
-"""The `tools` scenario, closed loop: N sessions call a stateful tool and check every answer.
+"""`tools` and `websocket`: sessions call a stateful tool, and every answer is checked.
 
-Each session calls `increment` (the demo server's counter) as fast as it is
-answered; the counter must read 1, 2, 3... in that session, so one request
-that reached another session's state is counted as a violation. Bounded by
-`--duration` seconds and `--max-requests`; it stops by itself.
-
-    python -m loadtest --target http://127.0.0.1:8080/mcp --sessions 16 --duration 10
+Each session calls `increment` on its own counter, which must read 1, 2, 3... in that
+session; an answer off that sequence means the request reached another session's state
+(or a server that keeps none) and counts as a `misrouted` violation. After a failed call
+the counter may or may not have moved, so the next answer may be one further. A 404
+means the session is gone (`sessions_lost`): the worker starts a new one, as a client does.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import orjson
+from loadtest.client import Failed, HttpSession, WebSocketSession
+from loadtest.run import Run, Worker, apply_load
 
-HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                   "clientInfo": {"name": "tether-loadtest", "version": "0"}}}
+Client = HttpSession | WebSocketSession
 
 
-@dataclass
-class Tally:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    violations: int = 0
-    session_seconds: list[float] = field(default_factory=list)
+class CounterSession:
+    """One client session and the counter it expects."""
 
-    @property
-    def requests(self) -> int:
-        return len(self.latencies) + self.errors
+    def __init__(self, run: Run, index: int, websocket: bool) -> None:
+        self.run = run
+        self.index = index
+        self.websocket = websocket
+        self.client: Client | None = None
+        self.expected = 0
+        self.uncertain = False  # the last call failed: it may or may not have counted
 
+    def _new_client(self) -> Client:
+        o = self.run.options
+        target = self.run.target_for(self.index)
+        if self.websocket:
+            return WebSocketSession(self.run.http, websocket_url(target), o.headers, o.timeout)
+        return HttpSession(self.run.http, target, o.headers, o.timeout)
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+    async def start(self) -> None:
+        client = self._new_client()
+        await client.initialize()
+        self.client, self.expected, self.uncertain = client, 0, False
+        self.run.recorder.session_opened(self.run.now())
 
-
-async def one_session(http: aiohttp.ClientSession, target: str, deadline: float, budget: list[int],
-                      tally: Tally) -> None:
-    started = time.perf_counter()
-    async with http.post(target, data=orjson.dumps(INIT), headers=HEADERS) as resp:
-        await resp.read()
-        if resp.status != 200:
-            tally.errors += 1
+    async def step(self, due: float) -> None:
+        rec = self.run.recorder
+        if self.client is None:
+            try:
+                await self.start()
+            except Failed as failed:
+                rec.error(self.run.now(), failed.kind)
+                return
+            if not self.run.options.rate:  # closed loop: the call is due once the session is up
+                due = self.run.now()
+        assert self.client is not None
+        try:
+            text = await self.client.call("increment", {"by": 1})
+        except Failed as failed:
+            self._failed(failed)
             return
-        sid = resp.headers["Mcp-Session-Id"]
-    headers = {**HEADERS, "Mcp-Session-Id": sid}
-    note = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
-    async with http.post(target, data=note, headers=headers) as resp:
-        await resp.read()
-    tally.session_seconds.append(time.perf_counter() - started)
-    expected = 0
-    while time.monotonic() < deadline and budget[0] > 0:
-        budget[0] -= 1
-        expected += 1
-        body = orjson.dumps({"jsonrpc": "2.0", "id": expected, "method": "tools/call",
-                             "params": {"name": "increment", "arguments": {"by": 1}}})
-        t0 = time.perf_counter()
-        async with http.post(target, data=body, headers=headers) as resp:
-            payload = await resp.read()
-            status = resp.status
-        elapsed = time.perf_counter() - t0
-        if status != 200:
-            tally.errors += 1
-            continue
-        tally.latencies.append(elapsed)
-        if _counter(orjson.loads(payload)) != expected:
-            tally.violations += 1
-    async with http.delete(target, headers={"Mcp-Session-Id": sid}) as resp:
-        await resp.read()
+        now = self.run.now()
+        try:
+            value = int(text)
+        except ValueError:
+            rec.wrong_answer(now, "malformed_counter", f"session {self.index}: {text[:80]!r}")
+            return
+        allowed = (self.expected + 1, self.expected + 2) if self.uncertain else (self.expected + 1,)
+        if value in allowed:
+            rec.ok(now, now - due)
+        else:
+            rec.wrong_answer(now, "misrouted", f"session {self.index}: expected {allowed[0]}, got {value}")
+        self.expected, self.uncertain = value, False
+
+    def _failed(self, failed: Failed) -> None:
+        now = self.run.now()
+        self.run.recorder.error(now, failed.kind)
+        if failed.kind in ("http_404", "closed"):  # the session is gone: a client starts a new one
+            self.run.recorder.count("sessions_lost")
+            self.run.recorder.losses.append(now)
+            self.run.recorder.session_closed(now)
+            self.client = None
+        else:
+            self.uncertain = True
+
+    async def close(self) -> None:
+        if isinstance(self.client, HttpSession):
+            await self.client.delete()
+        elif self.client is not None:
+            await self.client.close()
+        if self.client is not None:
+            self.run.recorder.session_closed(self.run.now())
+            self.client = None
 
 
-def _counter(answer: dict[str, Any]) -> int | None:
-    try:
-        return int(answer["result"]["content"][0]["text"])
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
+def websocket_url(target: str) -> str:
+    """The WebSocket endpoint beside an MCP URL: http://h/mcp -> ws://h/ws."""
+    base = target.rsplit("/", 1)[0] if target.rstrip("/").endswith("/mcp") else target.rstrip("/")
+    return base.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/ws"
 
 
-async def run(target: str, sessions: int, duration: float, max_requests: int) -> dict[str, Any]:
-    tally = Tally()
-    budget = [max_requests]
-    connector = aiohttp.TCPConnector(limit=sessions)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        began = time.monotonic()
-        deadline = began + duration
-        await asyncio.gather(*(one_session(http, target, deadline, budget, tally) for _ in range(sessions)))
-        wall = time.monotonic() - began
-    lat = sorted(tally.latencies)
-    return {
-        "scenario": "tools", "target": target, "sessions": sessions, "seconds": round(wall, 2),
-        "requests": tally.requests, "errors": tally.errors, "violations": tally.violations,
-        "throughput_rps": round(len(lat) / wall, 1) if wall else 0.0,
-        "latency_seconds": {f"p{int(q * 1000) / 10:g}": percentile(lat, q) for q in (0.5, 0.9, 0.99, 0.999)},
-        "session_setup_seconds_p50": percentile(sorted(tally.session_seconds), 0.5),
-    }
+async def tools(run: Run, progress: Any = None, websocket: bool = False) -> dict[str, Any]:
+    workers: list[Worker] = [CounterSession(run, i, websocket) for i in range(run.options.sessions)]
+    await apply_load(run, workers, progress)
+    return {}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", required=True, help="MCP endpoint URL (loopback only)")
-    parser.add_argument("--sessions", type=int, default=16)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds (the run stops by itself)")
-    parser.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many calls")
-    args = parser.parse_args(argv)
-    result = asyncio.run(run(args.target, args.sessions, args.duration, args.max_requests))
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-    return 1 if result["violations"] or result["errors"] else 0
+async def websocket(run: Run, progress: Any = None) -> dict[str, Any]:
+    return await tools(run, progress, websocket=True)

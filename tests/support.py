@@ -203,15 +203,9 @@ def server_everything_command() -> str:
 
 def children_of(pid: int) -> list[int]:
     """PIDs whose parent is `pid` (zombies included)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    from loadtest.recipes import children
+
+    return children(pid)
 
 
 def free_port() -> int:

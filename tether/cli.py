@@ -16,7 +16,7 @@ from tether import __version__
 from tether.config import GW, NODE, SETTINGS, UP, Config, load, read_toml
 from tether.errors import ConfigError
 
-TOKEN, DRAIN, HEALTH = "token", "drain", "health"
+TOKEN, DRAIN, HEALTH, LOADTEST = "token", "drain", "health", "loadtest"
 
 if TYPE_CHECKING:
     from actors.store.base import Store
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         HEALTH, help="Check the Tether process on this host (a container health check)",
         description="GET /healthz (or --path) on this host's port; exit 0 on 200.", epilog=EPILOG)
     health.add_argument("--path", default="/healthz", help="probe path: /healthz or /readyz")
+    commands.add_parser(LOADTEST, help="Load-test an MCP endpoint, checking every answer (tether loadtest --help)",
+                        add_help=False)
     _add_settings(health, GW)
     return parser
 
@@ -79,6 +81,11 @@ def resolve(command: str, args: argparse.Namespace, env: dict[str, str]) -> Conf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [LOADTEST]:
+        from loadtest.cli import main as loadtest
+
+        return loadtest(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == TOKEN:
         return _token(args.principal)

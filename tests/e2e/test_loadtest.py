@@ -1,19 +1,162 @@
-"""The load scenario's own checks: every answer is compared with the session's expected counter."""
+"""The load harness: every scenario runs clean against a local Tether, and each oracle catches the
+fault it is for (a balancer without affinity, a target that never reaps, a stream that loses events)."""
 
 from __future__ import annotations
 
-from loadtest.tools import run
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from loadtest.cli import run_scenario
+from loadtest.run import Options
+from tests.oracles import light_http_servers, lossy_stream, non_sticky, serving
 from tests.support import TetherUp
 
-
-async def test_tools_scenario_counts_every_request_and_finds_no_violation(tether: TetherUp) -> None:
-    result = await run(tether.mcp_url, sessions=3, duration=60, max_requests=60)
-    assert result["requests"] == 60  # bounded by count, it stopped by itself
-    assert (result["errors"], result["violations"]) == (0, 0)
-    assert 0 < result["latency_seconds"]["p50"] <= result["latency_seconds"]["p99"]
+pytestmark = pytest.mark.e2e
+LIGHT = f"{sys.executable} -m tether_demo.light"
+IDLE, SCAN = 1.5, 0.25
 
 
-async def test_tools_scenario_counts_a_target_that_refuses_sessions(tether: TetherUp) -> None:
-    # Against a URL with no MCP server every session fails to start: counted, never hidden.
-    result = await run(tether.base_url + "/not-mcp", sessions=2, duration=5, max_requests=10)
-    assert result["errors"] == 2 and result["requests"] == 2
+@pytest.fixture(scope="module")
+def light_tether(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherUp]:
+    """`tether up` over the light upstream, with a short idle timeout for churn."""
+    up = TetherUp(["--upstream-command", LIGHT, "--idle-timeout", str(IDLE), "--scan-interval", str(SCAN)],
+                  tmp_path_factory.mktemp("light") / "up.log").start()
+    yield up
+    assert up.stop() == 0, up.log()[-3000:]
+
+
+def clean(result: dict) -> None:
+    assert (result["errors"], result["violations"]) == (0, 0), (result["errors_by_kind"], result["violation_examples"])
+
+
+@pytest.mark.parametrize("rate", [0.0, 150.0], ids=["closed-loop", "open-loop"])
+async def test_tools_checks_every_answer_and_finds_none_wrong(light_tether: TetherUp, rate: float) -> None:
+    result = await run_scenario("tools", Options(light_tether.mcp_url, sessions=4, duration=2, rate=rate))
+    clean(result)
+    assert result["mode"] == ("open" if rate else "closed")
+    assert result["requests"] > 50 and result["sessions_peak"] == 4
+    lat = result["latency_seconds"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert sum(row["requests"] for row in result["timeline"]) == result["requests"]
+
+
+async def test_tools_stops_at_its_request_budget(light_tether: TetherUp) -> None:
+    result = await run_scenario("tools", Options(light_tether.mcp_url, sessions=3, duration=60, max_requests=45))
+    clean(result)
+    assert result["requests"] == 45 and result["seconds"] < 60
+
+
+async def test_websocket_runs_the_tools_checks_over_websocket(light_tether: TetherUp) -> None:
+    clean(result := await run_scenario("websocket", Options(light_tether.mcp_url, sessions=3, duration=2)))
+    assert result["requests"] > 50
+
+
+@pytest.mark.parametrize("scenario", ["idle-streams", "resume"])
+async def test_stream_scenarios_receive_every_event_once(light_tether: TetherUp, scenario: str) -> None:
+    options = Options(light_tether.mcp_url, sessions=3, duration=2.5, tick_interval=0.05)
+    clean(result := await run_scenario(scenario, options))
+    expected = 3 * int(2.5 / 0.05)
+    assert result["counters"]["events_expected"] == expected
+    assert result["counters"]["events_received"] == expected  # none lost, none twice
+    if scenario == "resume":
+        assert result["counters"]["streams_cut"] >= 3 and result["counters"]["streams_resumed"] >= 3
+
+
+async def test_churn_finds_every_abandoned_session_reaped(light_tether: TetherUp) -> None:
+    metrics = tuple(f"{url}/metrics" for url, _ in light_tether.nodes.values())
+    options = Options(light_tether.mcp_url, sessions=6, duration=1, idle_timeout=IDLE, scan_interval=SCAN,
+                      metrics=metrics)
+    clean(result := await run_scenario("churn", options))
+    assert result["counters"]["sessions_abandoned"] == 6 == result["counters"]["sessions_reaped"]
+    assert result["sessions_peak"] == 6  # seen live on the target's own metrics, then gone
+    assert result["extra"]["live_sessions_back_at"] is not None
+
+
+async def test_scale_reports_each_ring_event_and_no_misroute() -> None:
+    result = await run_scenario("scale", Options("", sessions=16, duration=10))
+    assert result["violations"] == 0, result["violation_examples"]
+    events = {e["event"]: e for e in result["extra"]["events"]}
+    assert list(events) == ["node added", "node drained", "node killed"]
+    assert events["node added"]["sessions_broken"] == 0  # joining moves no live session
+    for event in ("node drained", "node killed"):  # their sessions end, and their clients are told 404
+        assert events[event]["sessions_broken"] > 0
+        assert events[event]["first_404_after_seconds"] is not None
+    assert all(e["throughput_before_rps"] > 0 for e in events.values())
+
+
+# --- the oracles catch what they are for --------------------------------------------------------
+
+async def test_tools_reports_a_target_without_affinity_as_misrouting(http) -> None:
+    with light_http_servers(2) as upstreams:
+        async with serving(non_sticky(upstreams, http)) as url:
+            result = await run_scenario("tools", Options(url, sessions=2, duration=1, max_requests=40))
+    assert result["violations_by_kind"]["misrouted"] >= 10
+    assert result["violation_examples"][0]["kind"] == "misrouted"
+
+
+async def test_churn_reports_a_target_that_never_reaps(tmp_path: Path) -> None:
+    keeper = TetherUp(["--upstream-command", LIGHT, "--idle-timeout", "3600"], tmp_path / "up.log").start()
+    try:
+        options = Options(keeper.mcp_url, sessions=4, duration=0.5, idle_timeout=0.5, scan_interval=0.1)
+        result = await run_scenario("churn", options)
+    finally:
+        assert keeper.stop() == 0
+    assert result["violations_by_kind"] == {"session_leaked": 4}
+
+
+async def test_stream_scenarios_report_a_stream_that_loses_events(http) -> None:
+    with light_http_servers(1) as (upstream,):
+        async with serving(lossy_stream(upstream, http, drop_every=4)) as url:
+            result = await run_scenario("idle-streams", Options(url, sessions=2, duration=1, tick_interval=0.05))
+    assert result["violations_by_kind"]["event_lost"] == 2 * 5  # 20 events each, every 4th lost
+    assert "never arrived" in result["violation_examples"][0]["detail"]
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+async def test_the_command_writes_json_and_html_and_fails_on_violations(light_tether: TetherUp, tmp_path: Path,
+                                                                         http) -> None:
+    out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
+    ok = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "tether", "loadtest", "run", "tools", "--target", light_tether.mcp_url,
+        "--sessions", "2", "--duration", "1", "--json", str(out_json), "--html", str(out_html)],
+        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "violations  0" in ok.stdout and "throughput" in ok.stdout
+    result = orjson.loads(out_json.read_bytes())
+    assert {"requests", "errors", "violations", "latency_seconds", "timeline"} <= set(result)
+    page = out_html.read_text()
+    assert page.count("<svg") == 5 and "Latency over time" in page and "<script" not in page
+
+    with light_http_servers(2) as upstreams:
+        async with serving(non_sticky(upstreams, http)) as url:
+            bad = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loadtest", "run", "tools", "--target", url, "--sessions", "2",
+                "--duration", "1", "--no-progress", stdout=asyncio.subprocess.PIPE)
+            out, _ = await bad.communicate()
+    assert bad.returncode == 1 and b"misrouted" in out
+
+    usage = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "loadtest", "run", "tools"],
+                                    capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "needs --target URL" in usage.stderr
+
+
+async def test_compare_interleaves_recipes_and_measures_the_proxy_alone() -> None:
+    from loadtest.compare import compare
+
+    results, rows = await compare("tools", Options("", sessions=2, duration=1), ["direct", "tether"], "http", 2)
+    assert [(r["target"], r["repetition"]) for r in results] == [("direct", 0), ("tether", 0), ("direct", 1),
+                                                                ("tether", 1)]
+    assert all(r["violations"] == 0 and r["errors"] == 0 for r in results)
+    direct, tether = rows
+    assert direct["ratios"] == [1.0, 1.0] and len(tether["ratios"]) == 2
+    assert direct["cpu_ms_per_request"] is None  # no proxy: nothing to measure
+    assert tether["cpu_ms_per_request"] > 0 and tether["throughput_rps"] > 0
+    with pytest.raises(ValueError, match="supergateway cannot front a http upstream"):
+        await compare("tools", Options(""), ["supergateway"], "http", 1)

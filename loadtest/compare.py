@@ -1,0 +1,140 @@
+"""`--compare`: the same scenario against several targets, interleaved over repetitions.
+
+This machine is shared and noisy, so one run per target proves little: each repetition
+runs every target once, in turn, and the table gives medians over repetitions and, per
+repetition, each target's throughput as a ratio of the first target's. Each target is
+started fresh (see recipes.py) and stopped after its run. CPU and memory are read from
+/proc for the proxy's own processes: CPU time per answered request, and resident memory
+at its peak during the run above where it started, per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from loadtest.recipes import RECIPES, Target
+from loadtest.run import Options
+from tether.tasks import TaskSet
+
+HTTP_ONLY = {"direct", "nginx"}
+STDIO_ONLY = {"supergateway", "mcp-proxy"}
+SAMPLE_EVERY = 0.5  # seconds between memory samples
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+class Usage:
+    """CPU and resident memory of the proxy's processes over one run."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.cpu_start = self._cpu()
+        self.rss_start = self._rss()
+        self.rss_peak = self.rss_start
+
+    def _cpu(self) -> dict[int, float]:
+        return {pid: cpu for pid in self.target.proxy_pids() if (cpu := cpu_seconds(pid)) is not None}
+
+    def _rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.target.proxy_pids())
+
+    async def sample_until_cancelled(self) -> None:
+        while True:
+            self.rss_peak = max(self.rss_peak, self._rss())
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    def cpu_used(self) -> float:
+        end = self._cpu()
+        return sum(end[pid] - self.cpu_start.get(pid, 0.0) for pid in end)
+
+
+def check(recipes: list[str], upstream: str) -> None:
+    for name in recipes:
+        if name not in RECIPES:
+            raise ValueError(f"no recipe {name!r}; known: {', '.join(RECIPES)}")
+        if (upstream == "stdio" and name in HTTP_ONLY) or (upstream == "http" and name in STDIO_ONLY):
+            raise ValueError(f"{name} cannot front a {upstream} upstream")
+
+
+async def compare(scenario: str, options: Options, recipes: list[str], upstream: str, repetitions: int,
+                  progress: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run `scenario` against each recipe, `repetitions` times round-robin: every run, and the table rows."""
+    from loadtest.cli import run_scenario
+
+    check(recipes, upstream)
+    if repetitions < 1:
+        raise ValueError("--repetitions must be at least 1")
+    results: list[dict[str, Any]] = []
+    for repetition in range(repetitions):
+        for name in recipes:
+            workdir = Path(tempfile.mkdtemp(prefix=f"tether-compare-{name}-"))
+            target = await asyncio.to_thread(RECIPES[name], upstream, workdir)
+            sampler = TaskSet("usage")
+            try:
+                usage = Usage(target)
+                sampler.spawn(usage.sample_until_cancelled(), "rss")
+                run_options = dataclasses.replace(options, target=",".join(target.urls))
+                result = await run_scenario(scenario, run_options, progress)
+                answered = result["requests"] - result["errors"]
+                result |= {"target": name, "repetition": repetition, "upstream": upstream, "proxy": {
+                    "cpu_seconds": round(usage.cpu_used(), 3),
+                    "cpu_ms_per_request": (usage.cpu_used() * 1000 / answered) if answered and
+                    target.proxy_pids() else None,
+                    "rss_start_mb": usage.rss_start / 2**20, "rss_peak_mb": usage.rss_peak / 2**20,
+                    "mb_per_session": ((usage.rss_peak - usage.rss_start) / 2**20 / options.sessions)
+                    if target.proxy_pids() else None}}
+                results.append(result)
+            finally:
+                await sampler.close()
+                await asyncio.to_thread(target.stop)
+                shutil.rmtree(workdir, ignore_errors=True)
+    return results, rows(results, recipes, repetitions)
+
+
+def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) -> list[dict[str, Any]]:
+    def median(values: list[Any]) -> Any:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    first = {r["repetition"]: r["throughput_rps"] for r in results if r["target"] == recipes[0]}
+    table = []
+    for name in recipes:
+        runs = [r for r in results if r["target"] == name]
+        table.append({
+            "target": name,
+            "throughput_rps": median([r["throughput_rps"] for r in runs]),
+            "p50": median([r["latency_seconds"]["p50"] for r in runs]),
+            "p99": median([r["latency_seconds"]["p99"] for r in runs]),
+            "cpu_ms_per_request": median([r["proxy"]["cpu_ms_per_request"] for r in runs]),
+            "mb_per_session": median([r["proxy"]["mb_per_session"] for r in runs]),
+            "errors": sum(r["errors"] for r in runs),
+            "violations": sum(r["violations"] for r in runs),
+            "ratios": [r["throughput_rps"] / first[r["repetition"]] if first.get(r["repetition"]) else 0.0
+                       for r in runs],
+            "repetitions": repetitions,
+        })
+    return table

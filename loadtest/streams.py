@@ -1,0 +1,144 @@
+"""`idle-streams` and `resume`: sessions hold a GET stream and count the server's numbered events.
+
+Each session opens its stream, then asks the server (the light upstream's `tick` tool) for
+one notification every `tick_interval` seconds, numbered from 1. At the end it asks how
+many were sent and waits for the stream to catch up. Every number not received is an
+`event_lost` violation, every number received twice an `event_duplicated`. The latency
+recorded for an event is how long after its due time it arrived.
+
+`resume` also cuts each stream at random points and reconnects with `Last-Event-ID`, as a
+client on a flaky network does; a target that resumes correctly loses and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any
+
+import orjson
+
+from loadtest.client import Failed, HttpSession, sse_events
+from loadtest.run import Run
+from tether.tasks import TaskSet
+
+CATCH_UP = 5.0  # seconds the stream may take, after the last tick, to deliver what is owed
+CUT_AFTER = (0.2, 1.0)  # resume: seconds a stream lives before it is cut, drawn uniformly
+OPEN_TIMEOUT = 10.0
+
+
+class TickStream:
+    """One session's stream and what it has received."""
+
+    def __init__(self, run: Run, index: int, cut: bool, rng: random.Random) -> None:
+        self.run = run
+        self.index = index
+        self.cut = cut
+        self.rng = rng
+        self.client = HttpSession(run.http, run.target_for(index), run.options.headers, run.options.timeout)
+        self.seen: set[int] = set()
+        self.last_event_id: str | None = None
+        self.ticking_since: float | None = None
+        self.opened = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.gone = False
+
+    async def listen(self) -> None:
+        """Read the stream until cancelled, reconnecting after each cut (with Last-Event-ID)."""
+        while not self.gone:
+            try:
+                async with self.client.stream(self.last_event_id) as response:
+                    self.opened.set()
+                    await self._read(response)
+            except Failed as failed:
+                self.run.recorder.error(self.run.now(), failed.kind)
+                if failed.kind == "http_404":
+                    self.gone = True
+                    self.changed.set()
+                    return
+                await asyncio.sleep(0.1)  # a refused reconnect: try again shortly, not in a tight loop
+            if self.cut:
+                self.run.recorder.count("streams_resumed")
+
+    async def _read(self, response: Any) -> None:
+        cut_at = self.run.now() + self.rng.uniform(*CUT_AFTER) if self.cut else None
+        async for event in sse_events(response):
+            if event.id:
+                self.last_event_id = event.id
+            if event.data:  # a priming event carries only its id
+                self._received(orjson.loads(event.data))
+            if cut_at is not None and self.run.now() >= cut_at:
+                self.run.recorder.count("streams_cut")
+                return  # leaving the context closes the connection mid-stream
+
+    def _received(self, message: dict[str, Any]) -> None:
+        params = message.get("params") or {}
+        if message.get("method") != "notifications/message" or params.get("logger") != "tick":
+            return
+        seq = int(params["data"]["seq"])
+        now = self.run.now()
+        rec = self.run.recorder
+        rec.count("events_received")
+        if seq in self.seen:
+            rec.violation(now, "event_duplicated", f"session {self.index}: event {seq} again")
+        else:
+            self.seen.add(seq)
+            due = (self.ticking_since or now) + seq * self.run.options.tick_interval
+            rec.ok(now, max(0.0, now - due))
+        self.changed.set()
+
+    async def wait_for(self, count: int, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self.gone and not set(range(1, count + 1)) <= self.seen:
+                    self.changed.clear()
+                    await self.changed.wait()
+
+
+async def one_session(run: Run, index: int, cut: bool, rng: random.Random) -> None:
+    rec, o = run.recorder, run.options
+    stream = TickStream(run, index, cut, rng)
+    try:
+        await stream.client.initialize()
+    except Failed as failed:
+        rec.error(run.now(), failed.kind)
+        return
+    rec.session_opened(run.now())
+    listeners = TaskSet(f"stream-{index}")
+    try:
+        listeners.spawn(stream.listen(), "listen")
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            await stream.opened.wait()
+        count = max(1, int(o.duration / o.tick_interval))
+        stream.ticking_since = run.now()
+        await stream.client.call("tick", {"interval": o.tick_interval, "count": count})
+        await run.sleep_until(stream.ticking_since + count * o.tick_interval)
+        await stream.wait_for(count, CATCH_UP)  # every tick asked for is owed to this client
+        rec.count("events_expected", count)
+        sent = int(await stream.client.call("ticks_sent", {}))
+        for seq in sorted(set(range(1, count + 1)) - stream.seen):
+            rec.violation(run.now(), "event_lost", f"session {index}: event {seq} of {count} never arrived "
+                          f"(the server sent {sent})")
+    except (Failed, TimeoutError) as exc:
+        rec.error(run.now(), exc.kind if isinstance(exc, Failed) else "stream_not_opened")
+    finally:
+        await listeners.close()
+        await stream.client.delete()
+        rec.session_closed(run.now())
+
+
+async def idle_streams(run: Run, progress: Any = None) -> dict[str, Any]:
+    return await _streams(run, cut=False)
+
+
+async def resume(run: Run, progress: Any = None) -> dict[str, Any]:
+    return await _streams(run, cut=True)
+
+
+async def _streams(run: Run, cut: bool) -> dict[str, Any]:
+    rng = random.Random(run.options.seed)
+    sessions = [one_session(run, i, cut, random.Random(rng.random())) for i in range(run.options.sessions)]
+    async with asyncio.timeout(run.options.duration + CATCH_UP + OPEN_TIMEOUT + 30):
+        await asyncio.gather(*sessions)
+    return {"tick_interval": run.options.tick_interval}
