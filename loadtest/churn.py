@@ -25,7 +25,8 @@ POLL = 0.5  # seconds between reads of the target's metrics
 
 
 async def live_sessions(run: Run) -> int | None:
-    """The target's live sessions, summed over its /metrics pages; None without --metrics."""
+    """The target's live sessions, summed over its /metrics pages; None without --metrics, or when
+    a page could not be read (a missing page must not look like sessions reaped)."""
     if not run.options.metrics:
         return None
     total = 0.0
@@ -35,7 +36,7 @@ async def live_sessions(run: Run) -> int | None:
                 text = await response.text()
         except (aiohttp.ClientError, TimeoutError):
             run.recorder.error(run.now(), "metrics_unreachable")
-            continue
+            return None
         total += sum(float(m[1]) for m in re.finditer(rf"^{LIVE_METRIC}(?:{{[^}}]*}})? (\S+)$", text, re.M))
     return int(total)
 
@@ -77,8 +78,11 @@ async def churn(run: Run, progress: Any = None) -> dict[str, Any]:
     if o.idle_timeout <= 0:
         raise ValueError("churn needs the target's idle timeout: --idle-timeout SECONDS (and --scan-interval)")
     baseline = await live_sessions(run)
+    if run.options.metrics and baseline is None:
+        raise ValueError(f"Cannot read the target's live sessions from {', '.join(run.options.metrics)}")
     abandoned: list[tuple[HttpSession, float]] = []
     tasks = TaskSet("churn")
+    probes: list[asyncio.Task[None]] = []
     try:
         opened = []
         for i in range(o.sessions):  # spread over the run
@@ -100,7 +104,7 @@ async def churn(run: Run, progress: Any = None) -> dict[str, Any]:
             await asyncio.wait(probes, timeout=max(0.0, last_due - run.now()) + o.timeout + 5)
     finally:
         await tasks.close()
-    rec.count("sessions_abandoned", len(abandoned))
+    rec.count("sessions_abandoned", len(probes))
     extra: dict[str, Any] = {"idle_timeout": o.idle_timeout, "scan_interval": o.scan_interval,
                              "reap_deadline_seconds": o.idle_timeout + o.scan_interval + REAP_SLACK}
     if baseline is not None:
@@ -113,16 +117,17 @@ async def follow_metrics(run: Run, baseline: int, until: float) -> float | None:
     `baseline` (run time), or None (then a `metrics_leak` violation)."""
     back_at: float | None = None
     while True:
-        live = await live_sessions(run) or 0
-        run.recorder.sessions_seen(run.now(), max(0, live - baseline))
-        if live <= baseline and back_at is None and run.now() > 1.0:
-            back_at = run.now()
-        elif live > baseline:
-            back_at = None
+        live = await live_sessions(run)
+        if live is not None:
+            run.recorder.sessions_seen(run.now(), max(0, live - baseline))
+            if live > baseline:
+                back_at = None
+            elif back_at is None:
+                back_at = run.now()
         if run.now() >= until:
             break
         await asyncio.sleep(POLL)
     if back_at is None:
-        run.recorder.violation(run.now(), "metrics_leak", f"{live - baseline} sessions still live on the target "
-                               "past every abandoned session's reap deadline")
+        run.recorder.violation(run.now(), "metrics_leak", f"{live if live is not None else '?'} sessions live on "
+                               f"the target (from {baseline}) past every abandoned session's reap deadline")
     return back_at

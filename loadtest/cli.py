@@ -52,7 +52,8 @@ async def run_scenario(name: str, options: Options, progress: bool = False) -> d
 
 
 def result_of(name: str, options: Options, run: Run, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"scenario": name, "target": options.target, "mode": "open" if options.rate else "closed",
+    paced = options.rate and name in ("tools", "websocket", "scale")  # the others ignore --rate
+    return {"scenario": name, "target": options.target, "mode": "open" if paced else "closed",
             "rate": options.rate, "sessions": options.sessions, "duration": options.duration,
             "seconds": round(seconds, 3), **run.recorder.summary(seconds), "extra": extra}
 
@@ -155,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from loadtest.compare import compare
 
             options = options_from(args, "")
+            live = not args.no_progress and sys.stderr.isatty()
             results, rows = asyncio.run(compare(args.scenario, options, args.compare.split(","), args.upstream,
-                                                args.repetitions, progress=not args.no_progress))
+                                                args.repetitions, progress=live))
             print(report.compare_table(rows))
             _write(args, {"scenario": args.scenario, "upstream": args.upstream, "comparison": rows, "runs": results},
                    report.html_page(results, rows))

@@ -5,7 +5,8 @@ runs every target once, in turn, and the table gives medians over repetitions an
 repetition, each target's throughput as a ratio of the first target's. Each target is
 started fresh (see recipes.py) and stopped after its run. CPU and memory are read from
 /proc for the proxy's own processes: CPU time per answered request, and resident memory
-at its peak during the run above where it started, per session.
+at its peak during the run above where it started, per session (for `tether-distributed` that
+includes Redis). Processes that exit during a run are not counted.
 """
 
 from __future__ import annotations
@@ -83,36 +84,43 @@ def check(recipes: list[str], upstream: str) -> None:
 async def compare(scenario: str, options: Options, recipes: list[str], upstream: str, repetitions: int,
                   progress: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run `scenario` against each recipe, `repetitions` times round-robin: every run, and the table rows."""
-    from loadtest.cli import run_scenario
-
     check(recipes, upstream)
     if repetitions < 1:
         raise ValueError("--repetitions must be at least 1")
     results: list[dict[str, Any]] = []
     for repetition in range(repetitions):
-        for name in recipes:
-            workdir = Path(tempfile.mkdtemp(prefix=f"tether-compare-{name}-"))
-            target = await asyncio.to_thread(RECIPES[name], upstream, workdir)
-            sampler = TaskSet("usage")
-            try:
-                usage = Usage(target)
-                sampler.spawn(usage.sample_until_cancelled(), "rss")
-                run_options = dataclasses.replace(options, target=",".join(target.urls))
-                result = await run_scenario(scenario, run_options, progress)
-                answered = result["requests"] - result["errors"]
-                result |= {"target": name, "repetition": repetition, "upstream": upstream, "proxy": {
-                    "cpu_seconds": round(usage.cpu_used(), 3),
-                    "cpu_ms_per_request": (usage.cpu_used() * 1000 / answered) if answered and
-                    target.proxy_pids() else None,
-                    "rss_start_mb": usage.rss_start / 2**20, "rss_peak_mb": usage.rss_peak / 2**20,
-                    "mb_per_session": ((usage.rss_peak - usage.rss_start) / 2**20 / options.sessions)
-                    if target.proxy_pids() else None}}
-                results.append(result)
-            finally:
-                await sampler.close()
-                await asyncio.to_thread(target.stop)
-                shutil.rmtree(workdir, ignore_errors=True)
+        turn = repetition % len(recipes)  # each round starts with the next target: no fixed order bias
+        for name in recipes[turn:] + recipes[:turn]:
+            results.append(await _one(scenario, options, name, upstream, repetition, progress))
     return results, rows(results, recipes, repetitions)
+
+
+async def _one(scenario: str, options: Options, name: str, upstream: str, repetition: int,
+               progress: bool) -> dict[str, Any]:
+    from loadtest.cli import run_scenario
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"tether-compare-{name}-"))
+    sampler = TaskSet("usage")
+    target: Target | None = None
+    try:
+        target = await asyncio.to_thread(RECIPES[name], upstream, workdir)
+        usage = Usage(target)
+        sampler.spawn(usage.sample_until_cancelled(), "rss")
+        result = await run_scenario(scenario, dataclasses.replace(options, target=",".join(target.urls)), progress)
+        cpu = usage.cpu_used()
+        answered = result["requests"] - result["errors"]  # right or wrong, the proxy did the work
+        measured = bool(target.proxy_pids())
+        result |= {"target": name, "repetition": repetition, "upstream": upstream, "proxy": {
+            "cpu_seconds": round(cpu, 3),
+            "cpu_ms_per_request": cpu * 1000 / answered if answered and measured else None,
+            "rss_start_mb": usage.rss_start / 2**20, "rss_peak_mb": usage.rss_peak / 2**20,
+            "mb_per_session": (usage.rss_peak - usage.rss_start) / 2**20 / options.sessions if measured else None}}
+        return result
+    finally:
+        await sampler.close()
+        if target is not None:
+            await asyncio.to_thread(target.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) -> list[dict[str, Any]]:
@@ -121,12 +129,14 @@ def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) ->
         return statistics.median(present) if present else None
 
     first = {r["repetition"]: r["throughput_rps"] for r in results if r["target"] == recipes[0]}
+    results = sorted(results, key=lambda r: r["repetition"])
     table = []
     for name in recipes:
         runs = [r for r in results if r["target"] == name]
         table.append({
             "target": name,
             "throughput_rps": median([r["throughput_rps"] for r in runs]),
+            "answered_rps": median([r["answered_rps"] for r in runs]),
             "p50": median([r["latency_seconds"]["p50"] for r in runs]),
             "p99": median([r["latency_seconds"]["p99"] for r in runs]),
             "cpu_ms_per_request": median([r["proxy"]["cpu_ms_per_request"] for r in runs]),

@@ -15,6 +15,7 @@ measured for the proxy alone. Everything is stopped by its PID when the recipe s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
     SIGTERM for the rest; SIGKILL for any that does not exit within 20 s."""
     for process in reversed(processes):
         if process.poll() is None:
-            tether = "tether" in " ".join(map(str, process.args))  # type: ignore[arg-type]
+            tether = Path(str(process.args[0])).name == "tether"  # type: ignore[index]
             os.kill(process.pid, signal.SIGINT if tether else signal.SIGTERM)
     for process in reversed(processes):
         try:
@@ -108,6 +109,17 @@ def light_http(workdir: Path, name: str = "light") -> tuple[subprocess.Popen[byt
     return process, line.split(b"listening on ", 1)[1].decode()
 
 
+@contextlib.contextmanager
+def stopped_on_failure() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Collect what a recipe starts; if the recipe fails halfway, stop it all before raising."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    except BaseException:
+        stop_all(started)
+        raise
+
+
 def children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -124,8 +136,10 @@ def children(pid: int) -> list[int]:
 
 def direct(upstream: str, workdir: Path) -> Target:
     _http_only("direct", upstream)
-    process, url = light_http(workdir)
-    return Target([url], lambda: [], [process])
+    with stopped_on_failure() as started:
+        process, url = light_http(workdir)
+        started.append(process)
+    return Target([url], lambda: [], started)
 
 
 NGINX_CONF = """worker_processes 1;
@@ -162,15 +176,20 @@ def nginx(upstream: str, workdir: Path) -> Target:
     if not Path(binary).exists():
         subprocess.run(["apt-get", "install", "-y", "-q", "nginx"], check=True, capture_output=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
-    replicas = [light_http(workdir, f"light-{i}") for i in range(2)]
-    servers = "\n    ".join(f"server {url.split('//')[1].split('/')[0]};" for _, url in replicas)
-    port = free_port()
-    conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(work=workdir, servers=servers, port=port))
-    process, _ = spawn([binary, "-c", str(conf), "-p", str(workdir)], workdir / "nginx.log")
-    wait_port(port, process)
-    return Target([f"http://127.0.0.1:{port}/mcp"], lambda: [process.pid, *children(process.pid)],
-                  [*(p for p, _ in replicas), process])
+    with stopped_on_failure() as started:
+        urls = []
+        for i in range(2):
+            replica, url = light_http(workdir, f"light-{i}")
+            started.append(replica)
+            urls.append(url)
+        servers = "\n    ".join(f"server {url.split('//')[1].split('/')[0]};" for url in urls)
+        port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=workdir, servers=servers, port=port))
+        process, _ = spawn([binary, "-c", str(conf), "-p", str(workdir)], workdir / "nginx.log")
+        started.append(process)
+        wait_port(port, process)
+    return Target([f"http://127.0.0.1:{port}/mcp"], lambda: [process.pid, *children(process.pid)], started)
 
 
 def supergateway(upstream: str, workdir: Path) -> Target:
@@ -179,11 +198,13 @@ def supergateway(upstream: str, workdir: Path) -> Target:
     if not script.exists():
         subprocess.run(["npm", "ci", "--silent"], cwd=PEERS, check=True, capture_output=True, timeout=600)
     port = free_port()
-    process, _ = spawn(["node", str(script), "--stdio", " ".join(LIGHT_STDIO), "--outputTransport",
-                        "streamableHttp", "--stateful", "--port", str(port), "--logLevel", "none"],
-                       workdir / "supergateway.log")
-    wait_port(port, process)
-    return Target([f"http://127.0.0.1:{port}/mcp"], lambda: [process.pid], [process])
+    with stopped_on_failure() as started:
+        process, _ = spawn(["node", str(script), "--stdio", " ".join(LIGHT_STDIO), "--outputTransport",
+                            "streamableHttp", "--stateful", "--port", str(port), "--logLevel", "none"],
+                           workdir / "supergateway.log")
+        started.append(process)
+        wait_port(port, process)
+    return Target([f"http://127.0.0.1:{port}/mcp"], lambda: [process.pid], started)
 
 
 def mcp_proxy(upstream: str, workdir: Path) -> Target:
@@ -195,41 +216,47 @@ def mcp_proxy(upstream: str, workdir: Path) -> Target:
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mcp-proxy==0.13.0"], check=True,
                        capture_output=True, timeout=600)
     port = free_port()
-    process, _ = spawn([str(binary), "--port", str(port), "--host", "127.0.0.1", "--log-level", "WARNING",
-                        "--", *LIGHT_STDIO], workdir / "mcp-proxy.log")
-    wait_port(port, process)
-    return Target([f"http://127.0.0.1:{port}/mcp"], lambda: [process.pid], [process])
+    with stopped_on_failure() as started:
+        process, _ = spawn([str(binary), "--port", str(port), "--host", "127.0.0.1", "--log-level", "WARNING",
+                            "--", *LIGHT_STDIO], workdir / "mcp-proxy.log")
+        started.append(process)
+        wait_port(port, process)
+    return Target([f"http://127.0.0.1:{port}/mcp"], lambda: [process.pid], started)
 
 
 def tether(upstream: str, workdir: Path) -> Target:
-    extra: list[subprocess.Popen[bytes]] = []
-    args = _tether_upstream(upstream, workdir, extra)
-    tether_bin = str(Path(sys.executable).with_name("tether"))
-    process, line = spawn([tether_bin, "up", "--port", "0", "--log-level", "warning", *args], workdir / "tether.log",
-                          re.compile(rb"MCP endpoint +(http://\S+)"))
+    with stopped_on_failure() as started:
+        args = _tether_upstream(upstream, workdir, started)
+        tether_bin = str(Path(sys.executable).with_name("tether"))
+        process, line = spawn([tether_bin, "up", "--port", "0", "--log-level", "warning", *args],
+                              workdir / "tether.log", re.compile(rb"MCP endpoint +(http://\S+)"))
+        started.append(process)
     url = line.split()[-1].decode()
-    return Target([url], lambda: [process.pid, *children(process.pid)], [*extra, process])
+    return Target([url], lambda: [process.pid, *children(process.pid)], started)
 
 
 def tether_distributed(upstream: str, workdir: Path) -> Target:
-    extra: list[subprocess.Popen[bytes]] = []
-    args = _tether_upstream(upstream, workdir, extra)
-    redis_port = free_port()
-    redis, _ = spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                      "--appendonly", "no"], workdir / "redis.log", re.compile(rb"Ready to accept connections"))
-    env = {"TETHER_INTERNAL_SECRET": SECRET, "TETHER_REDIS": f"redis://127.0.0.1:{redis_port}/0",
-           "TETHER_LOG_LEVEL": "warning"}
     tether_bin = str(Path(sys.executable).with_name("tether"))
-    nodes = [spawn([tether_bin, "node", "--port", "0", "--node-id", f"node-{i}", *args], workdir / f"node-{i}.log",
-                   re.compile(rb"tether node: \S+ at http://\S+"), env)[0] for i in range(2)]
-    gateways, urls = [], []
-    for i in range(2):
-        gateway, line = spawn([tether_bin, "gateway", "--port", "0"], workdir / f"gateway-{i}.log",
-                              re.compile(rb"tether gateway: (http://\S+)"), env)
-        gateways.append(gateway)
-        urls.append(line.split(b": ", 1)[1].decode())
-    proxies = [redis, *nodes, *gateways]
-    return Target(urls, lambda: [p.pid for p in proxies], [*extra, redis, *nodes, *gateways])
+    with stopped_on_failure() as started:
+        args = _tether_upstream(upstream, workdir, started)
+        upstreams = len(started)
+        redis_port = free_port()
+        redis, _ = spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], workdir / "redis.log", re.compile(rb"Ready to accept connections"))
+        started.append(redis)
+        env = {"TETHER_INTERNAL_SECRET": SECRET, "TETHER_REDIS": f"redis://127.0.0.1:{redis_port}/0",
+               "TETHER_LOG_LEVEL": "warning"}
+        for i in range(2):
+            started.append(spawn([tether_bin, "node", "--port", "0", "--node-id", f"node-{i}", *args],
+                                 workdir / f"node-{i}.log", re.compile(rb"tether node: \S+ at http://\S+"), env)[0])
+        urls = []
+        for i in range(2):
+            gateway, line = spawn([tether_bin, "gateway", "--port", "0"], workdir / f"gateway-{i}.log",
+                                  re.compile(rb"tether gateway: (http://\S+)"), env)
+            started.append(gateway)
+            urls.append(line.split(b": ", 1)[1].decode())
+    proxies = started[upstreams:]  # Redis, nodes and gateways: the upstream server is not the proxy
+    return Target(urls, lambda: [p.pid for p in proxies], started)
 
 
 def _tether_upstream(upstream: str, workdir: Path, started: list[subprocess.Popen[bytes]]) -> list[str]:

@@ -139,7 +139,9 @@ class Recorder:
             "errors_by_kind": dict(sorted(self.errors.items())),
             "violations_by_kind": dict(sorted(self.violations.items())),
             "violation_examples": self.examples,
+            # Correct answers a second; answered_rps adds the wrong ones (a violation is still an answer).
             "throughput_rps": round(answered / seconds, 1) if seconds > 0 else 0.0,
+            "answered_rps": round((answered + self.answered_wrong) / seconds, 1) if seconds > 0 else 0.0,
             "latency_seconds": self.latency_summary(),
             "sessions_peak": self.sessions_peak,
             "counters": dict(sorted(self.counters.items())),

@@ -48,8 +48,10 @@ def _kinds(counts: dict[str, int]) -> str:
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """One line per target: medians over repetitions, and each repetition's ratio to the first target."""
-    head = ["target", "req/s", "p50", "p99", "CPU ms/req", "MB/session", "errors", "violations", "vs first"]
-    body = [[r["target"], f"{r['throughput_rps']:.0f}", fmt_seconds(r["p50"]), fmt_seconds(r["p99"]),
+    head = ["target", "req/s", "answered/s", "p50", "p99", "CPU ms/req", "MB/session", "errors", "violations",
+            "vs first"]
+    body = [[r["target"], f"{r['throughput_rps']:.0f}", f"{r['answered_rps']:.0f}", fmt_seconds(r["p50"]),
+             fmt_seconds(r["p99"]),
              "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.3f}",
              "-" if r["mb_per_session"] is None else f"{r['mb_per_session']:.2f}",
              str(r["errors"]), str(r["violations"]), " ".join(f"{x:.2f}" for x in r["ratios"])] for r in rows]

@@ -39,8 +39,14 @@ class Options:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.sessions < 1 or self.duration <= 0 or self.max_requests < 1 or self.rate < 0:
-            raise ValueError("sessions and max_requests must be at least 1, duration above 0, rate not negative")
+        for name, value, low, strict in (("sessions", self.sessions, 1, False),
+                                         ("max_requests", self.max_requests, 1, False),
+                                         ("duration", self.duration, 0, True), ("rate", self.rate, 0, False),
+                                         ("timeout", self.timeout, 0, True),
+                                         ("tick_interval", self.tick_interval, 0, True)):
+            if value < low or (strict and value == low):
+                bound = "above" if strict else "of at least"
+                raise ValueError(f"Cannot use {name} {value!r}: expected a number {bound} {low}")
 
 
 class Run:
@@ -118,12 +124,10 @@ async def _open_loop(run: Run, workers: list[Worker], tasks: TaskSet,
             if progress:
                 progress()
 
-    for worker, queue in zip(workers, queues, strict=True):
-        tasks.spawn(serve(worker, queue), "session")
+    servers = [tasks.spawn(serve(worker, queue), "session") for worker, queue in zip(workers, queues, strict=True)]
     interval = 1.0 / run.options.rate
     n = 0
-    while run.take():
-        due = n * interval
+    while (due := n * interval) < run.options.duration and run.take():
         await run.sleep_until(due)
         queue = queues[n % len(queues)]
         if queue.qsize() >= BACKLOG:
@@ -131,8 +135,19 @@ async def _open_loop(run: Run, workers: list[Worker], tasks: TaskSet,
         else:
             queue.put_nowait(due)
         n += 1
-    async with asyncio.timeout(DRAIN_GRACE):
-        await asyncio.gather(*(q.join() for q in queues))
+    waiting = {tasks.spawn(q.join(), "drain") for q in queues}
+    give_up = run.now() + DRAIN_GRACE
+    while waiting and (left := give_up - run.now()) > 0:  # until all is answered, a worker dies, or the grace ends
+        done, _ = await asyncio.wait([*waiting, *servers], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if not done or any(task in done for task in servers):
+            break
+        waiting -= done
+    for task in servers:
+        if task.done():
+            task.result()  # a worker that crashed: a bug in the scenario, raised rather than hidden
+    for queue in queues:  # still due after the grace: the target never got to them
+        for _ in range(queue.qsize()):
+            run.recorder.error(run.now(), "unfinished")
 
 
 async def bounded(awaitable: Awaitable[Any], seconds: float) -> Any:

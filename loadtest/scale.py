@@ -45,6 +45,7 @@ class LocalTopology:
         self.gateways: list[str] = []
         self.tether = str(Path(sys.executable).with_name("tether"))
         self.env: dict[str, str] = {}
+        self.stopping = False
 
     def start(self, nodes: int = 3, gateways: int = 2) -> None:
         port = free_port()
@@ -67,6 +68,8 @@ class LocalTopology:
         node, line = spawn([self.tether, "node", "--port", "0", "--node-id", name, "--upstream-command",
                             " ".join(LIGHT_STDIO)], self.workdir / f"{name}.log", NODE_LINE, self.env)
         self.processes.append(node)
+        if self.stopping:  # the run ended while this node started (in a thread): stop it too
+            stop_all([node])
         self.nodes[name] = (node, NODE_LINE.search(line)[1].decode())  # type: ignore[index]
 
     async def ring_size(self, http: aiohttp.ClientSession) -> int:
@@ -76,6 +79,7 @@ class LocalTopology:
         return int(float(match[1])) if match else 0
 
     def stop(self) -> None:
+        self.stopping = True
         stop_all(self.processes)
         shutil.rmtree(self.workdir, ignore_errors=True)
 

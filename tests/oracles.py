@@ -18,6 +18,7 @@ from aiohttp import web
 from tests.support import read_until, stop_process
 
 SESSION = "Mcp-Session-Id"
+PASSED = {"mcp-session-id", "content-type", "accept", "last-event-id", "mcp-protocol-version"}
 
 
 @contextlib.contextmanager
@@ -74,25 +75,30 @@ def non_sticky(upstreams: list[str], http: aiohttp.ClientSession) -> web.Applica
     return app
 
 
-def lossy_stream(upstream: str, http: aiohttp.ClientSession, drop_every: int) -> web.Application:
-    """Passes everything through, but the GET stream loses every `drop_every`-th event."""
+def faulty_stream(upstream: str, http: aiohttp.ClientSession, drop_every: int = 0,
+                  repeat_every: int = 0) -> web.Application:
+    """Passes everything through, but the GET stream loses every `drop_every`-th event, or sends
+    every `repeat_every`-th twice."""
+
+    def passed(request: web.Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() in PASSED}
 
     async def forward(request: web.Request) -> web.Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() in (SESSION.lower(), "content-type")}
-        async with http.request(request.method, upstream, data=await request.read(), headers=headers) as r:
+        async with http.request(request.method, upstream, data=await request.read(), headers=passed(request)) as r:
             out = {SESSION: r.headers[SESSION]} if SESSION in r.headers else {}
             return web.Response(body=await r.read(), status=r.status, headers=out,
                                 content_type=r.content_type if r.status == 200 else None)
 
     async def stream(request: web.Request) -> web.StreamResponse:
-        async with http.get(upstream, headers={SESSION: request.headers.get(SESSION, "")},
-                            timeout=aiohttp.ClientTimeout(total=None)) as r:
+        async with http.get(upstream, headers=passed(request), timeout=aiohttp.ClientTimeout(total=None)) as r:
             response = web.StreamResponse(status=r.status, headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             n = 0
             async for chunk in _events(r):
                 n += 1
-                if n % drop_every:
+                if not drop_every or n % drop_every:
+                    await response.write(chunk)
+                if repeat_every and n % repeat_every == 0:
                     await response.write(chunk)
             return response
 
