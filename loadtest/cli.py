@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write(args: argparse.Namespace, data: dict[str, Any], page: str) -> None:
     if args.json:
-        text = orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+        text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
         if args.json == "-":
             print(text)
         else:

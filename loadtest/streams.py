@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -32,8 +33,10 @@ RECONNECT = 0.1  # seconds before reopening a stream the server ended
 class TickStream:
     """One session's stream and what it has received."""
 
-    def __init__(self, run: Run, index: int, cut: bool, rng: random.Random) -> None:
+    def __init__(self, run: Run, index: int, cut: bool, rng: random.Random,
+                 progress: Callable[[], None] | None = None) -> None:
         self.run = run
+        self.progress = progress
         self.index = index
         self.cut = cut
         self.rng = rng
@@ -93,6 +96,8 @@ class TickStream:
             due = (self.ticking_since or now) + seq * self.run.options.tick_interval
             rec.ok(now, max(0.0, now - due))
         self.changed.set()
+        if self.progress:
+            self.progress()
 
     async def wait_for(self, count: int, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -102,9 +107,10 @@ class TickStream:
                     await self.changed.wait()
 
 
-async def one_session(run: Run, index: int, cut: bool, rng: random.Random) -> None:
+async def one_session(run: Run, index: int, cut: bool, rng: random.Random,
+                      progress: Callable[[], None] | None) -> None:
     rec, o = run.recorder, run.options
-    stream = TickStream(run, index, cut, rng)
+    stream = TickStream(run, index, cut, rng, progress)
     try:
         await stream.client.initialize()
     except Failed as failed:
@@ -137,19 +143,19 @@ async def one_session(run: Run, index: int, cut: bool, rng: random.Random) -> No
         rec.session_closed(run.now())
 
 
-async def idle_streams(run: Run, progress: Any = None) -> dict[str, Any]:
-    return await _streams(run, cut=False)
+async def idle_streams(run: Run, progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    return await _streams(run, False, progress)
 
 
-async def resume(run: Run, progress: Any = None) -> dict[str, Any]:
-    return await _streams(run, cut=True)
+async def resume(run: Run, progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    return await _streams(run, True, progress)
 
 
-async def _streams(run: Run, cut: bool) -> dict[str, Any]:
+async def _streams(run: Run, cut: bool, progress: Callable[[], None] | None) -> dict[str, Any]:
     rng = random.Random(run.options.seed)
     o = run.options
     tasks = TaskSet("streams")
-    sessions = [tasks.spawn(one_session(run, i, cut, random.Random(rng.random())), "session")
+    sessions = [tasks.spawn(one_session(run, i, cut, random.Random(rng.random()), progress), "session")
                 for i in range(o.sessions)]
     # Each session: start (2 requests), open, tick, the ticks, catch up, ask, delete.
     _, late = await asyncio.wait(sessions, timeout=o.duration + CATCH_UP + OPEN_TIMEOUT + 5 * o.timeout)
