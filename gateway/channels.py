@@ -55,7 +55,8 @@ def _cursor(request: web.Request) -> dict[str, str]:
 
 
 async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tuple[str, aiohttp.ClientResponse]:
-    """The session's channel stream from its node: an existing session's (resumed), or a new one's."""
+    """The session's channel stream from its node: an existing session's (resumed, when `sid` is given),
+    or a new one's."""
     principal = request[PRINCIPAL_KEY]
     created = sid is None
     if sid is None:
@@ -76,10 +77,13 @@ async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tu
 
 
 async def handle_sse(request: web.Request) -> web.StreamResponse:
-    """GET /sse: open a session (or, with ?session_id=, resume one) and stream it, endpoint event first."""
+    """GET /sse: open a session (or, with ?session_id=, resume one) and stream it, endpoint event first.
+    A session this stream opened ends when its client leaves; one it resumed goes on (its client may
+    come back again, or use it over another transport) until DELETE or idle expiry."""
     gw = request.app[GATEWAY_KEY]
     rules.check_stream_accept(request.headers.get("Accept"))
-    sid, resp = await _open_stream(gw, request.query.get("session_id"), request)
+    resumed = request.query.get("session_id")
+    sid, resp = await _open_stream(gw, resumed, request)
     try:
         out = web.StreamResponse(headers={**SSE_HEADERS, SESSION_HEADER: sid})
         await out.prepare(request)
@@ -87,7 +91,7 @@ async def handle_sse(request: web.Request) -> web.StreamResponse:
         await gw.pipe(resp, out, "sse")
         return out
     finally:
-        if not resp.content.at_eof():  # the client left (HTTP+SSE clients never come back): end it
+        if resumed is None and not resp.content.at_eof():  # its client left: nobody else knows this session
             gw.end_later(sid, request[PRINCIPAL_KEY])
         done_with(resp)
 

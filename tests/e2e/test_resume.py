@@ -19,7 +19,7 @@ import websockets
 
 from actors.sse import Event, Parser
 from tests.conftest import MakeTopology, start_tether
-from tests.support import ACCEPT_BOTH, RawClient, TetherUp, call_tool, initialize_message
+from tests.support import ACCEPT_BOTH, RawClient, TetherUp, call_tool, initialize_message, wait_until
 
 DEMO = f"{sys.executable} -m tether_demo"
 STEPS = 25
@@ -163,3 +163,22 @@ async def test_a_resuming_reader_takes_the_stream_over_from_a_stale_one(tether: 
             while not any(e.data for e in events):
                 events += parser.feed(await fresh.content.readany())
     assert [orjson.loads(e.data)["method"] for e in events if e.data] == ["notifications/tools/list_changed"]
+
+
+async def test_resuming_over_http_sse_and_leaving_does_not_end_the_session(tether: TetherUp,
+                                                                          http: aiohttp.ClientSession) -> None:
+    # Only a session that its own /sse stream opened ends with that stream: this one was made over
+    # Streamable HTTP, and its owner merely looked in over HTTP+SSE.
+    raw = RawClient(http, tether.mcp_url)
+    sid = await raw.initialize()
+    async with http.get(f"{tether.base_url}/sse?session_id={sid}", headers={"Accept": "text/event-stream"}) as resp:
+        assert resp.status == 200
+        assert (await resp.content.readline()).startswith(b"event: endpoint")
+
+    async def stream_closed() -> bool:
+        async with http.get(tether.base_url + "/metrics") as metrics:
+            return 'tether_gateway_streams_open{transport="sse"} 0.0' in await metrics.text()
+
+    await wait_until(stream_closed, 10, "the gateway to see the /sse client go")
+    for request_id in (2, 3):  # an end, had one been started, is done by now
+        assert (await raw.post({"jsonrpc": "2.0", "id": request_id, "method": "ping"}, sid=sid))[0] == 200
