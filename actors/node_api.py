@@ -164,14 +164,26 @@ async def _stream(request: web.Request, node: Node, actor: SessionActor, stream:
     log for a reader that comes back with Last-Event-ID.
     """
     response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+    await response.prepare(request)  # the headers go out with the first write
+    # The priming event leaves with the first event, and the last event with the end of the body:
+    # a POST's whole answer is one write (one system call, one TCP segment), not three.
+    pending = b""
     if request.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE:
-        await response.write(priming(EventId(stream.stream, after), round(node.config.stream_retry * 1000)))
+        pending = priming(EventId(stream.stream, after), round(node.config.stream_retry * 1000))
     node.metrics.streams_open.inc()
     try:
-        async for item in actor.read(stream, after, node.config.keepalive_interval):
-            await response.write(PING if item is None else event(item[1], event_id=item[0]))
-            actor.lease.touch(node.clock())  # it got through: the client is still there
+        async with contextlib.aclosing(actor.read(stream, after, node.config.keepalive_interval)) as items:
+            async for item in items:
+                chunk = pending + (PING if item is None else event(item[1], event_id=item[0]))
+                pending = b""
+                if item is not None and stream.finished and item[0].seq >= stream.last_seq:
+                    await response.write_eof(chunk)
+                    stream.delivered = max(stream.delivered, item[0].seq)  # read() is closed before it can
+                    return response
+                await response.write(chunk)
+                actor.lease.touch(node.clock())  # it got through: the client is still there
+        if pending:
+            await response.write(pending)
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
     except ConnectionError:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
 from actors.events import EventId, EventLog, StreamLog
@@ -185,7 +185,7 @@ class SessionActor:
         return stream, stream.delivered
 
     async def read(self, stream: StreamLog, after: int, keepalive: float,
-                   ) -> AsyncIterator[tuple[EventId, Message] | None]:
+                   ) -> AsyncGenerator[tuple[EventId, Message] | None, None]:
         """`stream`'s events after seq `after`, live until the stream finishes, the session ends, or
         another reader takes the stream over; None after each `keepalive` of silence (a ping is due).
         Raises `CursorExpired` if this reader falls so far behind that the log drops what it has not read."""

@@ -273,6 +273,9 @@ class Gateway:
         try:
             async for chunk in resp.content.iter_any():
                 async with asyncio.timeout(write_timeout):
+                    if resp.content.at_eof():  # the last chunk: send it with the end of the body, in one write
+                        await out.write_eof(chunk)
+                        return
                     await out.write(chunk)
         except (ConnectionError, TimeoutError, aiohttp.ClientError):
             pass  # one side went away or stalled; closing the link response tells the node
