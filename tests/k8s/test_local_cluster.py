@@ -72,8 +72,10 @@ async def test_prod_topology_serves_sessions_and_drains_a_node_by_its_prestop_ho
 
         await wait_until(ready, START, f"{pod.name} ready")
         assert await cluster.probe(http, pod, component, "livenessProbe") == 200
-    for gateway in gateways:
-        assert await metric(http, base_url(cluster, gateway), "tether_ring_members") == 3
+    async def full_ring() -> bool:  # a gateway reads membership every membership_refresh
+        return all([await metric(http, base_url(cluster, g), "tether_ring_members") == 3 for g in gateways])
+
+    await wait_until(full_ring, 10, "every gateway's ring to hold the three nodes")
 
     # A real MCP client, with the token the Secret holds, through the first gateway.
     mcp_urls = [base_url(cluster, g) + "/mcp" for g in gateways]
