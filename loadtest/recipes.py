@@ -235,28 +235,64 @@ def tether(upstream: str, workdir: Path) -> Target:
     return Target([url], lambda: [process.pid, *children(process.pid)], started)
 
 
+NODE_LINE = re.compile(rb"tether node: \S+ at (http://\S+)")
+
+
+class LocalTopology:
+    """Tether distributed on this host: Redis, nodes and gateways as child processes logging to
+    `workdir`; every node runs the upstream that `upstream_args` names (tether node flags)."""
+
+    def __init__(self, workdir: Path, upstream_args: list[str], env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.upstream_args = upstream_args
+        self.extra_env = env or {}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.nodes: dict[str, tuple[subprocess.Popen[bytes], str]] = {}  # name -> (process, URL)
+        self.gateways: list[str] = []  # their MCP URLs
+        self.tether = str(Path(sys.executable).with_name("tether"))
+        self.env: dict[str, str] = {}
+        self.stopping = False
+
+    def start(self, nodes: int, gateways: int) -> None:
+        """Start everything, or stop what did start and raise."""
+        try:
+            port = free_port()
+            redis, _ = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], self.workdir / "redis.log",
+                             re.compile(rb"Ready to accept connections"))
+            self.processes.append(redis)
+            self.env = {"TETHER_INTERNAL_SECRET": SECRET, "TETHER_REDIS": f"redis://127.0.0.1:{port}/0",
+                        "TETHER_LOG_LEVEL": "warning", **self.extra_env}
+            for i in range(nodes):
+                self.add_node(f"node-{i + 1}")
+            for i in range(gateways):
+                gateway, line = spawn([self.tether, "gateway", "--port", "0"], self.workdir / f"gateway-{i + 1}.log",
+                                      re.compile(rb"tether gateway: (http://\S+)"), self.env)
+                self.processes.append(gateway)
+                self.gateways.append(line.split(b": ", 1)[1].decode())
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_node(self, name: str) -> None:
+        node, line = spawn([self.tether, "node", "--port", "0", "--node-id", name, *self.upstream_args],
+                           self.workdir / f"{name}.log", NODE_LINE, self.env)
+        self.processes.append(node)
+        if self.stopping:  # stopped while this node started (in a thread): stop it too
+            stop_all([node])
+        self.nodes[name] = (node, NODE_LINE.search(line)[1].decode())  # type: ignore[index]
+
+    def stop(self) -> None:
+        self.stopping = True
+        stop_all(self.processes)
+
+
 def tether_distributed(upstream: str, workdir: Path) -> Target:
-    tether_bin = str(Path(sys.executable).with_name("tether"))
     with stopped_on_failure() as started:
-        args = _tether_upstream(upstream, workdir, started)
-        upstreams = len(started)
-        redis_port = free_port()
-        redis, _ = spawn(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"], workdir / "redis.log", re.compile(rb"Ready to accept connections"))
-        started.append(redis)
-        env = {"TETHER_INTERNAL_SECRET": SECRET, "TETHER_REDIS": f"redis://127.0.0.1:{redis_port}/0",
-               "TETHER_LOG_LEVEL": "warning"}
-        for i in range(2):
-            started.append(spawn([tether_bin, "node", "--port", "0", "--node-id", f"node-{i}", *args],
-                                 workdir / f"node-{i}.log", re.compile(rb"tether node: \S+ at http://\S+"), env)[0])
-        urls = []
-        for i in range(2):
-            gateway, line = spawn([tether_bin, "gateway", "--port", "0"], workdir / f"gateway-{i}.log",
-                                  re.compile(rb"tether gateway: (http://\S+)"), env)
-            started.append(gateway)
-            urls.append(line.split(b": ", 1)[1].decode())
-    proxies = started[upstreams:]  # Redis, nodes and gateways: the upstream server is not the proxy
-    return Target(urls, lambda: [p.pid for p in proxies], started)
+        topology = LocalTopology(workdir, _tether_upstream(upstream, workdir, started))
+        topology.start(nodes=2, gateways=2)
+    # Redis, nodes and gateways are the proxy; the upstream server is not.
+    return Target(topology.gateways, lambda: [p.pid for p in topology.processes], [*started, *topology.processes])
 
 
 def _tether_upstream(upstream: str, workdir: Path, started: list[subprocess.Popen[bytes]]) -> list[str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 
@@ -149,7 +149,3 @@ async def _open_loop(run: Run, workers: list[Worker], tasks: TaskSet,
         for _ in range(queue.qsize()):
             run.recorder.error(run.now(), "unfinished")
 
-
-async def bounded(awaitable: Awaitable[Any], seconds: float) -> Any:
-    async with asyncio.timeout(seconds):
-        return await awaitable

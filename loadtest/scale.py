@@ -15,8 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from loadtest.recipes import LIGHT_STDIO, SECRET, free_port, spawn, stop_all
+from loadtest.recipes import LIGHT_STDIO, SECRET, LocalTopology
 from loadtest.run import Options, Run, Worker, apply_load
 from loadtest.tools import CounterSession
 from tether.tasks import TaskSet
@@ -32,56 +30,13 @@ from tether.tasks import TaskSet
 DRAIN_TIMEOUT = 1.5  # seconds a drained node keeps its sessions
 HEARTBEAT_TTL = 2.0  # seconds before a killed node's lease lapses
 WINDOW = 2.0  # seconds of throughput compared before and after each event
-NODE_LINE = re.compile(rb"tether node: \S+ at (http://\S+)")
 
 
-class LocalTopology:
-    """Redis, gateways and nodes as child processes in a temporary directory."""
-
-    def __init__(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="tether-scale-"))
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.nodes: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
-        self.gateways: list[str] = []
-        self.tether = str(Path(sys.executable).with_name("tether"))
-        self.env: dict[str, str] = {}
-        self.stopping = False
-
-    def start(self, nodes: int = 3, gateways: int = 2) -> None:
-        port = free_port()
-        redis, _ = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                          "no"], self.workdir / "redis.log", re.compile(rb"Ready to accept connections"))
-        self.processes.append(redis)
-        self.env = {"TETHER_INTERNAL_SECRET": SECRET, "TETHER_REDIS": f"redis://127.0.0.1:{port}/0",
-                    "TETHER_LOG_LEVEL": "warning", "TETHER_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
-                    "TETHER_MEMBERSHIP_REFRESH": "0.2", "TETHER_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
-                    "TETHER_KILL_GRACE": "1"}
-        for i in range(nodes):
-            self.add_node(f"node-{i + 1}")
-        for i in range(gateways):
-            gateway, line = spawn([self.tether, "gateway", "--port", "0"], self.workdir / f"gateway-{i + 1}.log",
-                                  re.compile(rb"tether gateway: (http://\S+)"), self.env)
-            self.processes.append(gateway)
-            self.gateways.append(line.split(b": ", 1)[1].decode())
-
-    def add_node(self, name: str) -> None:
-        node, line = spawn([self.tether, "node", "--port", "0", "--node-id", name, "--upstream-command",
-                            " ".join(LIGHT_STDIO)], self.workdir / f"{name}.log", NODE_LINE, self.env)
-        self.processes.append(node)
-        if self.stopping:  # the run ended while this node started (in a thread): stop it too
-            stop_all([node])
-        self.nodes[name] = (node, NODE_LINE.search(line)[1].decode())  # type: ignore[index]
-
-    async def ring_size(self, http: aiohttp.ClientSession) -> int:
-        async with http.get(self.gateways[0].removesuffix("/mcp") + "/metrics") as response:
-            text = await response.text()
-        match = re.search(r"^tether_ring_members (\S+)$", text, re.M)
-        return int(float(match[1])) if match else 0
-
-    def stop(self) -> None:
-        self.stopping = True
-        stop_all(self.processes)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+async def ring_size(http: aiohttp.ClientSession, topology: LocalTopology) -> int:
+    async with http.get(topology.gateways[0].removesuffix("/mcp") + "/metrics") as response:
+        text = await response.text()
+    match = re.search(r"^tether_ring_members (\S+)$", text, re.M)
+    return int(float(match[1])) if match else 0
 
 
 async def events(run: Run, topology: LocalTopology) -> None:
@@ -124,13 +79,16 @@ def per_event(run: Run) -> list[dict[str, Any]]:
 async def scale(options: Options, progress: bool = False) -> dict[str, Any]:
     from loadtest.cli import Progress, result_of
 
-    topology = LocalTopology()
+    workdir = Path(tempfile.mkdtemp(prefix="tether-scale-"))
+    topology = LocalTopology(workdir, ["--upstream-command", " ".join(LIGHT_STDIO)], {
+        "TETHER_HEARTBEAT_TTL": str(HEARTBEAT_TTL), "TETHER_MEMBERSHIP_REFRESH": "0.2",
+        "TETHER_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT), "TETHER_KILL_GRACE": "1"})
     try:
-        await asyncio.to_thread(topology.start)
+        await asyncio.to_thread(topology.start, 3, 2)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             run = Run(Options(**{**options.__dict__, "target": ",".join(topology.gateways)}), http)
             async with asyncio.timeout(30):
-                while await topology.ring_size(http) < 3:
+                while await ring_size(http, topology) < 3:
                     await asyncio.sleep(0.1)  # the gateways read membership every 0.2 s
             run.started = time.monotonic()  # the run's clock starts with the load, not with the topology
             tasks = TaskSet("scale")
@@ -145,4 +103,5 @@ async def scale(options: Options, progress: bool = False) -> dict[str, Any]:
         result = result_of("scale", run.options, run, seconds, {"events": per_event(run)})
     finally:
         await asyncio.to_thread(topology.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
     return result

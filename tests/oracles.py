@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import random
 import secrets
-import subprocess
-import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.support import read_until, stop_process
+from loadtest.recipes import light_http, stop_all
 
 SESSION = "Mcp-Session-Id"
 PASSED = {"mcp-session-id", "content-type", "accept", "last-event-id", "mcp-protocol-version"}
@@ -24,19 +24,17 @@ PASSED = {"mcp-session-id", "content-type", "accept", "last-event-id", "mcp-prot
 @contextlib.contextmanager
 def light_http_servers(count: int) -> Any:
     """`count` light servers over Streamable HTTP; their /mcp URLs."""
-    processes, urls = [], []
-    try:
-        for _ in range(count):
-            process = subprocess.Popen([sys.executable, "-m", "tether_demo.light_http", "--port", "0"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-            processes.append(process)
-            line = read_until(process, b"listening on", 30)
-            assert line is not None, "the light server did not start"
-            urls.append(line.split(b"listening on ", 1)[1].split()[0].decode())
-        yield urls
-    finally:
-        for process in processes:
-            stop_process(process)
+    started: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="tether-oracle-") as workdir:
+        try:
+            urls = []
+            for i in range(count):
+                process, url = light_http(Path(workdir), f"light-{i}")
+                started.append(process)
+                urls.append(url)
+            yield urls
+        finally:
+            stop_all(started)
 
 
 def non_sticky(upstreams: list[str], http: aiohttp.ClientSession) -> web.Application:

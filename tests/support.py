@@ -209,11 +209,9 @@ def children_of(pid: int) -> list[int]:
 
 
 def free_port() -> int:
-    import socket
+    from loadtest.recipes import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @dataclass
