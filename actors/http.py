@@ -19,16 +19,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("tether.http")
 
 
-def error_answer(exc: TetherError, request_id: object = None) -> web.Response:
-    """The HTTP answer for a TetherError: its status, a JSON-RPC error body, Retry-After if any."""
+def error_parts(exc: TetherError, request_id: object = None) -> tuple[int, dict[str, str], bytes]:
+    """The answer for a TetherError: its status; headers with Retry-After, if any; a JSON-RPC error body."""
     log.debug("request.refused", extra={"status": exc.status, "detail": exc.message})
     code = exc.rpc_code if exc.rpc_code is not None else INVALID_REQUEST
     body = error_response(request_id, code, exc.message, exc.data)  # type: ignore[arg-type]
-    headers = dict(exc.headers)
+    headers = {"Content-Type": "application/json", **exc.headers}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json",
-                        headers=headers)
+    return exc.status, headers, orjson.dumps(body)
+
+
+def error_answer(exc: TetherError, request_id: object = None) -> web.Response:
+    """`error_parts` as an HTTP response."""
+    status, headers, body = error_parts(exc, request_id)
+    return web.Response(status=status, body=body, headers=headers)
 
 
 @web.middleware

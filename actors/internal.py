@@ -18,7 +18,6 @@ DECLINED_HEADER = "X-Tether-Declined"
 PRINCIPAL_HEADER = "X-Tether-Principal"
 QUOTA_HEADER = "X-Tether-Quota"  # on a create: whose session quota it counts against (a tag)
 
-SESSIONS_PATH = "/_tether/sessions"
 STORE_PATH = "/_tether/store"
 
 
@@ -26,10 +25,6 @@ def authorized(headers: Mapping[str, str], secret: str) -> bool:
     """True if the request carries the internal secret."""
     given = headers.get(SECRET_HEADER, "")
     return bool(secret) and hmac.compare_digest(given.encode(), secret.encode())
-
-
-def session_path(sid: str) -> str:
-    return f"{SESSIONS_PATH}/{sid}"
 
 RESPONSE_HEADER = "X-Tether-Response"  # "sse", "json" or "channel": how the client takes its answers
 BATCH_HEADER = "X-Tether-Batch"  # "1" when the client sent a JSON-RPC batch

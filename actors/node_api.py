@@ -1,6 +1,7 @@
-"""A node's internal HTTP API: what gateways call over the authenticated link.
+"""A node's internal API: what gateways call over the authenticated, multiplexed link.
 
-POST creates a session (with the create header) or delivers client messages,
+Each exchange on the link (`actors.mux`) is a call on one session. POST
+creates a session (with the create header) or delivers client messages,
 answered as JSON, as an SSE stream, or (for a channel client: WebSocket or
 HTTP+SSE) with 202 and the answers on the channel; GET opens the session's
 stream, or resumes the stream a `Last-Event-ID` names; DELETE ends it.
@@ -13,13 +14,16 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
+from actors import mux
 from actors.events import EventId, StreamLog
-from actors.http import bind_socket, error_answer, health_routes, internal_only, tether_errors
+from actors.http import bind_socket, error_parts, health_routes, internal_only, tether_errors
 from actors.internal import (
     BATCH_HEADER,
     CREATE_HEADER,
@@ -30,7 +34,6 @@ from actors.internal import (
     PRINCIPAL_HEADER,
     QUOTA_HEADER,
     RESPONSE_HEADER,
-    SESSIONS_PATH,
 )
 from actors.mcp import (
     DEFAULT_HTTP_VERSION,
@@ -49,7 +52,16 @@ from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
 from actors.store.base import Store
 from tether.config import Config
-from tether.errors import INVALID_REQUEST, BadRequest, CursorExpired, Overloaded, OwnershipConflict, ParseError
+from tether.errors import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    BadRequest,
+    CursorExpired,
+    Overloaded,
+    ParseError,
+    TetherError,
+)
+from tether.logs import sid_tag
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
@@ -70,40 +82,92 @@ def _parse(body: bytes, max_depth: int | None = None) -> list[Message]:
     return [check_message(m) for m in (data if isinstance(data, list) else [data])]
 
 
-async def post_message(request: web.Request) -> web.StreamResponse:
-    node = request.app[NODE_KEY]
-    sid = request.match_info["sid"]
-    body = await request.read()
-    mode = request.headers.get(RESPONSE_HEADER, JSON)
+@dataclass(slots=True)
+class Call:
+    """One exchange's request: what a gateway asks of the session `sid`."""
+
+    method: str
+    sid: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Reply:
+    """One exchange's answer, sent as frames on the link it came from.
+
+    `answer` sends a whole answer. A stream starts with `stream`, whose head
+    leaves with the first `write`; `end` sends its last bytes with FIN, so
+    a short stream is one frame.
+    """
+
+    __slots__ = ("_ws", "xid", "_head", "started", "ended")
+
+    def __init__(self, ws: web.WebSocketResponse, xid: int) -> None:
+        self._ws = ws
+        self.xid = xid
+        self._head: list[Any] | None = None
+        self.started = False
+        self.ended = False
+
+    async def answer(self, status: int, headers: Mapping[str, str] | None = None, body: bytes = b"") -> None:
+        self.stream(status, headers)
+        await self.end(body)
+
+    def stream(self, status: int, headers: Mapping[str, str] | None = None) -> None:
+        self._head = [status, dict(headers or {})]
+
+    async def write(self, chunk: bytes, fin: bool = False) -> None:
+        if self._head is not None:
+            frame = mux.encode(mux.RESPONSE, self.xid, self._head, chunk, fin)
+            self._head, self.started = None, True
+        else:
+            frame = mux.encode(mux.DATA, self.xid, None, chunk, fin)
+        self.ended = fin
+        await self._ws.send_bytes(frame)
+
+    async def end(self, chunk: bytes = b"") -> None:
+        await self.write(chunk, fin=True)
+
+    async def cancel(self) -> None:
+        self.ended = True
+        await self._ws.send_bytes(mux.encode(mux.CANCEL, self.xid))
+
+
+def _json(answer: object, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    return 200, {"Content-Type": "application/json", **(headers or {})}, orjson.dumps(answer)
+
+
+async def post_message(node: Node, call: Call, reply: Reply) -> None:
+    mode = call.headers.get(RESPONSE_HEADER, JSON)
     if mode not in MODES:
         raise BadRequest(f"Bad Request: {RESPONSE_HEADER} must be one of {', '.join(MODES)}")
-    if request.headers.get(CREATE_HEADER):
-        return await _create(request, node, sid, _parse(body) if body else [], mode)
-    actor = node.live(sid, request.headers.get(PRINCIPAL_HEADER, ""))
+    if call.headers.get(CREATE_HEADER):
+        return await _create(node, call, _parse(call.body) if call.body else [], mode, reply)
+    actor = node.live(call.sid, call.headers.get(PRINCIPAL_HEADER, ""))
     actor.lease.touch(node.clock())
     if mode == CHANNEL:
-        return _to_channel(node, actor, body)
-    messages = _parse(body)
+        _to_channel(node, actor, call.body)
+        return await reply.answer(202)
+    messages = _parse(call.body)
     stream = actor.submit(messages, mode)
     for message in messages:
         node.metrics.messages[kind_of(message).value].inc()
     if stream is None:
-        return web.Response(status=202)
+        return await reply.answer(202)
     started = node.clock()
     try:
         if mode == SSE:
-            return await _stream(request, node, actor, stream, 0)
+            return await _stream(node, call, actor, stream, 0, reply)
         answers = await _collect(node, actor, stream)
-        return web.Response(body=orjson.dumps(answers if request.headers.get(BATCH_HEADER) else answers[0]),
-                            content_type="application/json")
+        await reply.answer(*_json(answers if call.headers.get(BATCH_HEADER) else answers[0]))
     finally:
         node.metrics.request_seconds.observe(node.clock() - started)
         actor.lease.touch(node.clock())
 
 
-def _to_channel(node: Node, actor: SessionActor, body: bytes) -> web.Response:
-    """A channel client's message: 202, and everything it is owed, errors too, on its channel, so
-    that a WebSocket client's message count stays the channel's event count."""
+def _to_channel(node: Node, actor: SessionActor, body: bytes) -> None:
+    """A channel client's message: everything it is owed, errors too, goes on its channel, so that
+    a WebSocket client's message count stays the channel's event count."""
     messages: list[Message] = []
     try:
         messages = _parse(body, node.config.max_json_depth)
@@ -114,11 +178,9 @@ def _to_channel(node: Node, actor: SessionActor, body: bytes) -> web.Response:
                                     exc.rpc_code or INVALID_REQUEST, exc.message, exc.data))
     for message in messages:
         node.metrics.messages[kind_of(message).value].inc()
-    return web.Response(status=202)
 
 
-async def _create(request: web.Request, node: Node, sid: str, messages: list[Message],
-                  mode: str) -> web.StreamResponse:
+async def _create(node: Node, call: Call, messages: list[Message], mode: str, reply: Reply) -> None:
     initialize = messages[0] if messages else None
     if mode != CHANNEL and (initialize is None or kind_of(initialize) is not Kind.REQUEST
                             or initialize.get("method") != "initialize"):
@@ -127,24 +189,21 @@ async def _create(request: web.Request, node: Node, sid: str, messages: list[Mes
         # Shielded: a client that leaves mid-start must not leave a half-made actor behind; the
         # session it would have had is reaped by idle expiry.
         actor, answer = await asyncio.shield(node.create(
-            sid, initialize if mode != CHANNEL else None, principal=request.headers.get(PRINCIPAL_HEADER, ""),
-            quota=request.headers.get(QUOTA_HEADER, "")))
+            call.sid, initialize if mode != CHANNEL else None, principal=call.headers.get(PRINCIPAL_HEADER, ""),
+            quota=call.headers.get(QUOTA_HEADER, "")))
     except Declined as exc:
-        response = error_answer(exc)
-        response.headers[DECLINED_HEADER] = "1"
-        return response
-    except OwnershipConflict as exc:  # a named session another node owns: the gateway goes there
-        return error_answer(exc)
+        status, headers, body = error_parts(exc)
+        return await reply.answer(status, {**headers, DECLINED_HEADER: "1"}, body)
     headers = {NODE_HEADER: node.node_id}
     if actor is not None:
         actor.channel = actor.channel or mode == CHANNEL
         headers[EPOCH_HEADER] = str(actor.record.epoch)
         headers[INCARNATION_HEADER] = actor.record.incarnation
     if answer is None:
-        return web.Response(status=201, headers=headers)
+        return await reply.answer(201, headers)
     if mode == SSE:
-        return web.Response(body=event(answer), headers={**SSE_HEADERS, **headers})
-    return web.Response(body=orjson.dumps(answer), content_type="application/json", headers=headers)
+        return await reply.answer(200, {**SSE_HEADERS, **headers}, event(answer))
+    await reply.answer(*_json(answer, headers))
 
 
 async def _collect(node: Node, actor: SessionActor, stream: StreamLog) -> list[Message]:
@@ -156,62 +215,121 @@ async def _collect(node: Node, actor: SessionActor, stream: StreamLog) -> list[M
         actor.forget(stream)
 
 
-async def _stream(request: web.Request, node: Node, actor: SessionActor, stream: StreamLog,
-                  after: int) -> web.StreamResponse:
+async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog, after: int,
+                  reply: Reply) -> None:
     """Serve `stream` as SSE from seq `after`: replay, then live, with event ids and keep-alive pings.
 
     A client that goes away only detaches: the stream's events go on into the
     log for a reader that comes back with Last-Event-ID.
     """
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)  # the headers go out with the first write
-    # The priming event leaves with the first event, and the last event with the end of the body:
-    # a POST's whole answer is one write (one system call, one TCP segment), not three.
+    reply.stream(200, SSE_HEADERS)  # the head goes out with the first write
+    # A POST's priming event leaves with its first event, and its last event with the end of the
+    # answer: its whole answer is one frame, not three. A GET stream starts at once: its client waits.
     pending = b""
-    if request.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE:
+    if call.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE:
         pending = priming(EventId(stream.stream, after), round(node.config.stream_retry * 1000))
     node.metrics.streams_open.inc()
     try:
+        if call.method == "GET":
+            await reply.write(pending)
+            pending = b""
         async with contextlib.aclosing(actor.read(stream, after, node.config.keepalive_interval)) as items:
             async for item in items:
                 chunk = pending + (PING if item is None else event(item[1], event_id=item[0]))
                 pending = b""
                 if item is not None and stream.finished and item[0].seq >= stream.last_seq:
-                    await response.write_eof(chunk)
+                    await reply.end(chunk)
                     stream.delivered = max(stream.delivered, item[0].seq)  # read() is closed before it can
-                    return response
-                await response.write(chunk)
-                actor.lease.touch(node.clock())  # it got through: the client is still there
-        if pending:
-            await response.write(pending)
+                    return
+                await reply.write(chunk)
+                actor.lease.touch(node.clock())  # it got through: the link took it
+        await reply.end(pending)
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
-    except ConnectionError:
-        pass  # the client went away; the stream waits in the log for it to come back
     finally:
         node.metrics.streams_open.dec()
-    return response
 
 
-async def open_stream(request: web.Request) -> web.StreamResponse:
+async def open_stream(node: Node, call: Call, reply: Reply) -> None:
     """GET: the session's stream, or with Last-Event-ID the stream it names, resumed after it."""
-    node = request.app[NODE_KEY]
-    actor = node.live(request.match_info["sid"], request.headers.get(PRINCIPAL_HEADER, ""))
-    last = request.headers.get("Last-Event-ID")
+    actor = node.live(call.sid, call.headers.get(PRINCIPAL_HEADER, ""))
+    last = call.headers.get("Last-Event-ID")
     cursor = EventId.parse(last, default_stream=0) if last else None
     stream, after = actor.stream_to_read(cursor)
     if cursor is not None:
         node.metrics.events_replayed.inc(max(0, stream.last_seq - after))
     actor.lease.touch(node.clock())
-    return await _stream(request, node, actor, stream, after)
+    await _stream(node, call, actor, stream, after, reply)
 
 
-async def delete_session(request: web.Request) -> web.Response:
+async def delete_session(node: Node, call: Call, reply: Reply) -> None:
+    node.live(call.sid, call.headers.get(PRINCIPAL_HEADER, ""))
+    await node.end(call.sid, "deleted")
+    await reply.answer(200)
+
+
+_HANDLERS = {"POST": post_message, "GET": open_stream, "DELETE": delete_session}
+
+
+async def serve_link(request: web.Request) -> web.WebSocketResponse:
+    """GET /_tether/link (upgrade, with the secret): one gateway connection, its exchanges multiplexed.
+
+    Each REQUEST runs as its own task until it is answered; a CANCEL from the
+    gateway (its client left) cancels that task, as does the connection's end.
+    """
     node = request.app[NODE_KEY]
-    sid = request.match_info["sid"]
-    node.live(sid, request.headers.get(PRINCIPAL_HEADER, ""))
-    await node.end(sid, "deleted")
-    return web.Response(status=200)
+    # No size limit: only a gateway holding the secret gets here, and it checked every client body.
+    ws = web.WebSocketResponse(heartbeat=mux.HEARTBEAT, max_msg_size=0)
+    await ws.prepare(request)
+    exchanges = TaskSet(f"link-{request.remote}")
+    running: dict[int, asyncio.Task[None]] = {}
+    try:
+        async for message in ws:
+            if message.type != WSMsgType.BINARY:
+                continue
+            frame = mux.decode(message.data)
+            if frame.kind == mux.REQUEST:
+                method, sid, headers = frame.head
+                task = exchanges.spawn(_exchange(node, Call(method, sid, headers, frame.body), Reply(ws, frame.xid),
+                                                 running), sid_tag(sid))
+                running[frame.xid] = task
+            elif frame.kind == mux.CANCEL and frame.xid in running:
+                running.pop(frame.xid).cancel()
+    except mux.FrameError as exc:
+        log.error("link.bad_frame", extra={"detail": str(exc)})
+    finally:
+        await exchanges.close(timeout=1.0)
+        await ws.close()
+    return ws
+
+
+async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None]]) -> None:
+    """Run one exchange to its end; whatever goes wrong is answered, or, midway, cancelled."""
+    try:
+        handler = _HANDLERS.get(call.method)
+        if handler is None:
+            raise BadRequest(f"Bad Request: the link carries POST, GET and DELETE, not {call.method}")
+        await handler(node, call, reply)
+        if not reply.ended:  # a stream that stopped short: its session ended, or its reader fell behind
+            await reply.end()
+    except TetherError as exc:
+        await _refuse(reply, *error_parts(exc))
+    except (ConnectionError, asyncio.CancelledError):
+        pass  # the link went, or the gateway's client left
+    except Exception:
+        log.exception("link.exchange_failed", extra={"sid": sid_tag(call.sid)})
+        await _refuse(reply, 500, {"Content-Type": "application/json"},
+                      orjson.dumps(error_response(None, INTERNAL_ERROR, "Internal error in the actor node")))
+    finally:
+        running.pop(reply.xid, None)
+
+
+async def _refuse(reply: Reply, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    with contextlib.suppress(ConnectionError):
+        if reply.started:
+            await reply.cancel()
+        elif not reply.ended:
+            await reply.answer(status, headers, body)
 
 
 MAX_DRAIN_WAIT = 60.0
@@ -256,9 +374,7 @@ def build_node_app(node: Node) -> web.Application:
     app.router.add_post("/admin/drain", admin_drain)
     app.router.add_get("/admin/drain", drain_status)
     app[NODE_KEY] = node
-    path = SESSIONS_PATH + "/{sid}"
-    app.add_routes([web.post(path, post_message), web.get(path, open_stream),
-                    web.delete(path, delete_session)])
+    app.router.add_get(mux.LINK_PATH, serve_link)
     app.add_routes(health_routes(node.metrics.registry, node.ready))
     return app
 

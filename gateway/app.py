@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -38,7 +37,7 @@ from actors.store.link import store_routes
 from gateway import rules
 from gateway.auth import WELL_KNOWN, Authenticator, Principal
 from gateway.limits import RateLimiter
-from gateway.link import NodeLink
+from gateway.link import LinkLost, LinkResponse, NodeLink
 from gateway.metrics import GatewayMetrics
 from tether.config import Config
 from tether.errors import (
@@ -73,7 +72,8 @@ class Gateway:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.placement = Placement(store, config.route_cache_size, stale_after=config.heartbeat_ttl)
-        self.link = NodeLink(config.internal_secret)
+        self.link = NodeLink(config.internal_secret, connections=config.link_connections,
+                             buffer_limit=config.stream_buffer_bytes)
         self.metrics = GatewayMetrics(self.placement)
         self._tasks = TaskSet("gateway")
         self.url = ""
@@ -157,7 +157,7 @@ class Gateway:
                 raise await as_error(resp)
         return sid
 
-    async def place(self, sid: str, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+    async def place(self, sid: str, body: bytes, headers: Mapping[str, str]) -> LinkResponse:
         """Ask the nodes of `sid`'s ring order, first to last, to create it; the first that does not
         decline answers. Raises `Overloaded` when none can."""
         self.placement.check_fresh()
@@ -173,11 +173,11 @@ class Gateway:
                 log.warning("placement.unreachable", extra={"node": node.node_id, "detail": exc.message})
                 continue
             if resp.status == 503 and resp.headers.get(DECLINED_HEADER):
-                resp.release()
+                resp.close()
                 self.metrics.declines.inc()
                 continue
             if resp.status == 409:  # a named session another node owns: initialize it there
-                resp.release()
+                resp.close()
                 resp, node = await self._join_elsewhere(sid, body, headers)
             if epoch := resp.headers.get(EPOCH_HEADER):
                 incarnation = resp.headers.get(INCARNATION_HEADER, "")
@@ -187,7 +187,7 @@ class Gateway:
         raise Overloaded("Service Unavailable: no actor node can take a new session now", retry_after=5.0)
 
     async def _join_elsewhere(self, sid: str, body: bytes,
-                              headers: Mapping[str, str]) -> tuple[aiohttp.ClientResponse, NodeRecord]:
+                              headers: Mapping[str, str]) -> tuple[LinkResponse, NodeRecord]:
         """Send a named session's initialize to the node that owns it now. Raises `Overloaded` when
         ownership is in flux (just released, or still ending): the client retries."""
         self.placement.forget(sid)  # whatever we cached led to the wrong node
@@ -199,7 +199,7 @@ class Gateway:
         resp = await self.link.call(owner, "POST", sid, body=body, headers=headers,
                                     read_timeout=self.config.upstream_start_timeout + LINK_SLACK)
         if resp.status == 409:
-            resp.release()
+            resp.close()
             raise Overloaded("Service Unavailable: this named session is changing hands; try again",
                              retry_after=1.0)
         return resp, owner
@@ -211,7 +211,7 @@ class Gateway:
         return await self.relay(request, resp, {})
 
     async def call(self, method: str, sid: str, principal: Principal, *, body: bytes | None = None,
-                   headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
+                   headers: Mapping[str, str] | None = None) -> LinkResponse:
         """Send a request to the owner of `sid` on behalf of `principal`; the caller reads and releases
         the answer. Raises `SessionNotFound` (also for another principal's session: no oracle), or
         `Overloaded` when the owner cannot be reached."""
@@ -225,7 +225,7 @@ class Gateway:
         if resp.status == 404 or (method == "DELETE" and resp.status == 200):
             self.placement.forget(sid)
         if resp.status == 404:  # answered here, so that every unknown id gets the same bytes: no oracle
-            resp.release()
+            resp.close()
             raise SessionNotFound("Session not found")
         return resp
 
@@ -239,19 +239,20 @@ class Gateway:
             return config.kill_grace + LINK_SLACK
         return config.upstream_request_timeout + LINK_SLACK
 
-    async def relay(self, request: web.Request, resp: aiohttp.ClientResponse,
+    async def relay(self, request: web.Request, resp: LinkResponse,
                     extra: Mapping[str, str], transport: str = TRANSPORT) -> web.StreamResponse:
         """Copy a node's answer to the client; SSE is streamed chunk by chunk, never buffered whole."""
         try:
             if resp.content_type != "text/event-stream":
-                headers = {k: resp.headers[k] for k in ("Content-Type", "Retry-After") if k in resp.headers}
+                headers: dict[str, str] = {k: v for k in ("Content-Type", "Retry-After")
+                                           if (v := resp.headers.get(k)) is not None}
                 return web.Response(status=resp.status, body=await resp.read(), headers={**headers, **extra})
             out = web.StreamResponse(status=resp.status, headers={**SSE_HEADERS, **extra})
             await out.prepare(request)
             await self.pipe(resp, out, transport)
             return out
         finally:
-            done_with(resp)
+            resp.close()
 
     def end_later(self, sid: str, principal: Principal) -> None:
         """End a session whose client has left for good, without holding up the handler that saw it."""
@@ -260,24 +261,24 @@ class Gateway:
     async def _end(self, sid: str, principal: Principal) -> None:
         try:
             resp = await self.call("DELETE", sid, principal)
-            resp.release()
+            resp.close()
         except TetherError as exc:
             log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
 
-    async def pipe(self, resp: aiohttp.ClientResponse, out: web.StreamResponse, transport: str) -> None:
+    async def pipe(self, resp: LinkResponse, out: web.StreamResponse, transport: str) -> None:
         """Copy a node's SSE stream to the client as it arrives, until either side goes. A client that
         stops reading for `client_write_timeout` is cut off; what it missed waits in the event log."""
         gauge = self.metrics.streams_open.labels(transport)
         gauge.inc()
         write_timeout = self.config.client_write_timeout
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.chunks():
                 async with asyncio.timeout(write_timeout):
-                    if resp.content.at_eof():  # the last chunk: send it with the end of the body, in one write
+                    if resp.at_eof:  # the last chunk: send it with the end of the body, in one write
                         await out.write_eof(chunk)
                         return
                     await out.write(chunk)
-        except (ConnectionError, TimeoutError, aiohttp.ClientError):
+        except (ConnectionError, TimeoutError, LinkLost):
             pass  # one side went away or stalled; closing the link response tells the node
         finally:
             gauge.dec()
@@ -294,20 +295,12 @@ def _principal_headers(principal: Principal, *, create: bool = False) -> dict[st
     return headers
 
 
-def done_with(resp: aiohttp.ClientResponse) -> None:
-    """Give a link response back: its connection is reused if the body was read, else closed."""
-    if resp.content.at_eof():
-        resp.release()
-    else:
-        resp.close()
-
-
-async def as_error(resp: aiohttp.ClientResponse) -> TetherError:
+async def as_error(resp: LinkResponse) -> TetherError:
     """A node's error answer as the TetherError that gives the client the same status and message."""
     try:
         body = orjson.loads(await resp.read())
         message = str(body["error"]["message"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, aiohttp.ClientError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, LinkLost, TimeoutError):
         message = f"the node answered HTTP {resp.status}"
     retry = resp.headers.get("Retry-After")
     if resp.status == 404:

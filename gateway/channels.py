@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
 from aiohttp import WSMsgType, web
 
 from actors.http import error_answer
@@ -32,8 +31,9 @@ from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import Parser, endpoint
 from gateway import rules
-from gateway.app import GATEWAY_KEY, PRINCIPAL_KEY, Gateway, as_error, done_with, read_body
+from gateway.app import GATEWAY_KEY, PRINCIPAL_KEY, Gateway, as_error, read_body
 from gateway.auth import Principal
+from gateway.link import LinkLost, LinkResponse
 from tether.errors import BadRequest, SessionNotFound, TetherError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet
@@ -54,7 +54,7 @@ def _cursor(request: web.Request) -> dict[str, str]:
     return {"Last-Event-ID": last} if last else {}
 
 
-async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tuple[str, aiohttp.ClientResponse]:
+async def _open_stream(gw: Gateway, sid: str | None, request: web.Request) -> tuple[str, LinkResponse]:
     """The session's channel stream from its node: an existing session's (resumed, when `sid` is given),
     or a new one's."""
     principal = request[PRINCIPAL_KEY]
@@ -91,9 +91,9 @@ async def handle_sse(request: web.Request) -> web.StreamResponse:
         await gw.pipe(resp, out, "sse")
         return out
     finally:
-        if resumed is None and not resp.content.at_eof():  # its client left: nobody else knows this session
+        if resumed is None and not resp.at_eof:  # its client left: nobody else knows this session
             gw.end_later(sid, request[PRINCIPAL_KEY])
-        done_with(resp)
+        resp.close()
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
@@ -156,11 +156,11 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
             gauge.dec()
         return ws
     finally:
-        done_with(resp)
+        resp.close()
 
 
 async def _run_ws(gw: Gateway, sid: str, principal: Principal, ws: web.WebSocketResponse,
-                  resp: aiohttp.ClientResponse) -> None:
+                  resp: LinkResponse) -> None:
     """Pump both ways until one side ends; then close the other with a code that says which."""
     pumps = TaskSet(f"ws-{sid_tag(sid)}")
     down = pumps.spawn(_node_to_client(resp, ws, gw.config.client_write_timeout), "down")
@@ -176,13 +176,13 @@ async def _run_ws(gw: Gateway, sid: str, principal: Principal, ws: web.WebSocket
     await ws.close(code=code, message=why.encode()[:120])
 
 
-async def _node_to_client(resp: aiohttp.ClientResponse, ws: web.WebSocketResponse,
+async def _node_to_client(resp: LinkResponse, ws: web.WebSocketResponse,
                           write_timeout: float) -> tuple[int, str]:
     """Each event of the node's stream as one text frame; a client that stops reading for
     `write_timeout` is cut off (it may reattach and get what it missed)."""
     parser = Parser()
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.chunks():
             for found in parser.feed(chunk):
                 if found.data:
                     try:
@@ -190,7 +190,7 @@ async def _node_to_client(resp: aiohttp.ClientResponse, ws: web.WebSocketRespons
                             await ws.send_str(found.data)
                     except TimeoutError:
                         return CLOSE_LOST, "the client did not read; reconnect with session_id and last_event_id"
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+    except (LinkLost, TimeoutError, ValueError) as exc:
         log.warning("ws.link_lost", extra={"detail": repr(exc)})
         return CLOSE_LOST, "lost the session's node; reconnect with session_id and last_event_id"
     except ConnectionError:

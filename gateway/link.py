@@ -1,58 +1,291 @@
-"""The gateway's link to actor nodes: pooled, authenticated HTTP, streamed without buffering.
+"""The gateway's link to actor nodes: every client request an exchange on a shared WebSocket.
 
-One `aiohttp.ClientSession` with keep-alive connections serves every node, so
-no request pays for a connection or a client. Failures to reach a node are
-mapped to `Overloaded` (503 with Retry-After) at this boundary.
+Each node gets a small pool of long-lived, authenticated WebSocket connections
+(`link_connections`), opened on first use and shared by all requests: an idle
+client stream costs the gateway a table entry, not a connection or a file. The
+frames are `actors.mux`'s. A reader task per connection hands each frame to its
+exchange's `LinkResponse`, without ever waiting on a client, so a slow client
+cannot hold up the others on its connection: its stream is buffered up to
+`stream_buffer_bytes`, then cut (it resumes from the node's event log).
+
+Failures to reach a node map to `Overloaded` (503 with Retry-After) here; a
+link lost midway surfaces as `LinkLost` from the response's reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
+from aiohttp import WSMsgType
 
-from actors.internal import SECRET_HEADER, session_path
+from actors import mux
+from actors.internal import SECRET_HEADER
 from actors.store.base import NodeRecord
 from tether.errors import Overloaded, UpstreamTimeout
+from tether.tasks import TaskSet
+
+log = logging.getLogger("tether.gateway")
+
+
+class LinkLost(Exception):
+    """An exchange ended before its answer did: the link to its node broke, the node gave it up, or its
+    client read so slowly that the gateway stopped buffering for it."""
+
+
+class LinkResponse:
+    """A node's answer to one exchange: its status and headers, then its body as it arrives.
+
+    Reads wait at most `read_timeout` for each piece. `close` (or leaving
+    `async with`) tells the node to abandon an answer that has not ended.
+    """
+
+    status: int
+    headers: dict[str, str]
+    __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout", "_chunks", "_size", "_fin", "_error",
+                 "_waiter")
+
+    def __init__(self, conn: _Connection, xid: int, read_timeout: float) -> None:
+        self.status = 0
+        self.headers = {}
+        self._conn = conn
+        self._xid = xid
+        self._read_timeout = read_timeout
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._fin = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "application/octet-stream").partition(";")[0].strip()
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the whole answer has arrived and been read."""
+        return self._fin and not self._chunks
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it comes: whatever has arrived since the last piece, joined. Raises `LinkLost`, or
+        `TimeoutError` when the node sends nothing for `read_timeout`."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._size = 0
+                yield chunk
+            elif self._fin:
+                return
+            else:
+                await self._wait()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    def close(self) -> None:
+        """Done with this answer; if the node is still sending it, it is told to stop."""
+        if self._conn.exchanges.pop(self._xid, None) is not None:
+            self._conn.cancel(self._xid)
+        self._chunks.clear()
+
+    async def __aenter__(self) -> LinkResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _head(self) -> None:
+        while self.status == 0:
+            await self._wait()
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                await self._waiter
+        finally:
+            self._waiter = None
+        if self._error is not None and not self._chunks:
+            raise self._error
+
+    def _feed(self, frame: mux.Frame, limit: int) -> None:
+        if frame.kind == mux.RESPONSE:
+            self.status, self.headers = frame.head
+        if frame.body:
+            self._chunks.append(frame.body)
+            self._size += len(frame.body)
+        if frame.fin:
+            self._fin = True
+            self._conn.exchanges.pop(self._xid, None)
+        elif self._size > limit:
+            self.close()
+            self._fail(LinkLost(f"the client read slower than its stream came: {self._size} bytes were "
+                                f"waiting, over stream_buffer_bytes ({limit})"))
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Connection:
+    """One WebSocket to a node and the exchanges running on it."""
+
+    def __init__(self, node: NodeRecord, ws: aiohttp.ClientWebSocketResponse, buffer_limit: int,
+                 tasks: TaskSet) -> None:
+        self.node = node
+        self.ws = ws
+        self.exchanges: dict[int, LinkResponse] = {}
+        self._buffer_limit = buffer_limit
+        self._ids = itertools.count(1)
+        self._tasks = tasks
+
+    async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
+                    read_timeout: float) -> LinkResponse:
+        xid = next(self._ids) & 0xFFFFFFFF
+        resp = LinkResponse(self, xid, read_timeout)
+        self.exchanges[xid] = resp
+        await self.ws.send_bytes(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+        return resp
+
+    def cancel(self, xid: int) -> None:
+        if self.ws.closed:
+            return
+        self._tasks.spawn(self._send_cancel(xid), "cancel")
+
+    async def _send_cancel(self, xid: int) -> None:
+        with contextlib.suppress(ConnectionError):  # a link that is going cancels everything on it anyway
+            await self.ws.send_bytes(mux.encode(mux.CANCEL, xid))
+
+    async def run(self) -> None:
+        """Hand each frame to its exchange until the connection ends; then fail what is left on it."""
+        why = "the node closed the link"
+        try:
+            async for message in self.ws:
+                if message.type != WSMsgType.BINARY:
+                    continue
+                frame = mux.decode(message.data)
+                resp = self.exchanges.get(frame.xid)
+                if resp is None:
+                    continue  # closed on this side: frames already on their way are dropped
+                if frame.kind == mux.CANCEL:
+                    self.exchanges.pop(frame.xid, None)
+                    resp._fail(LinkLost(f"node {self.node.node_id} gave up the exchange"))
+                else:
+                    resp._feed(frame, self._buffer_limit)
+            if self.ws.exception() is not None:
+                why = repr(self.ws.exception())
+        except mux.FrameError as exc:
+            why = f"the node sent a bad frame ({exc})"
+            log.error("link.bad_frame", extra={"node": self.node.node_id, "detail": str(exc)})
+        finally:
+            await self.ws.close()
+            lost = LinkLost(f"lost the link to node {self.node.node_id}: {why}")
+            for resp in list(self.exchanges.values()):
+                resp._fail(lost)
+            self.exchanges.clear()
 
 
 class NodeLink:
-    def __init__(self, secret: str, connect_timeout: float = 2.0) -> None:
+    def __init__(self, secret: str, *, connections: int = 2, buffer_limit: int = 1 << 20,
+                 connect_timeout: float = 2.0) -> None:
         self._secret = secret
+        self._size = connections
+        self._buffer_limit = buffer_limit
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  auto_decompress=False, skip_auto_headers=("User-Agent",))
-        return self._session
+        self._pools: dict[str, list[_Connection]] = {}
+        self._opening: dict[str, asyncio.Task[_Connection]] = {}
+        self._tasks = TaskSet("link")
+        self._turn = 0
 
     async def call(self, node: NodeRecord, method: str, sid: str, *, read_timeout: float,
-                   body: bytes | None = None, headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
-        """Send one request to `node` for session `sid`; the caller reads and releases the response.
+                   body: bytes | None = None, headers: Mapping[str, str] | None = None) -> LinkResponse:
+        """Send one request to `node` for session `sid`; returns once the answer's head has come. The
+        caller reads the answer and closes it.
 
         `read_timeout` bounds every wait for bytes from the node, so a node that
         stalls is given up on. Raises `Overloaded` when the node cannot be
         reached, `UpstreamTimeout` when it stops answering.
         """
-        all_headers = {SECRET_HEADER: self._secret}
-        if headers:
-            all_headers.update(headers)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=read_timeout)
+        conn = await self._connection(node)
         try:
-            return await self._client().request(method, node.url + session_path(sid), data=body,
-                                                headers=all_headers, timeout=timeout)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"Gateway Timeout: node {node.node_id} did not answer within "
-                                  f"{read_timeout:g}s") from exc
-        except aiohttp.ClientConnectionError as exc:
+            resp = await conn.start(method, sid, headers or {}, body or b"", read_timeout)
+        except ConnectionError as exc:
             raise Overloaded(f"Service Unavailable: node {node.node_id} cannot be reached ({exc!r})",
                              retry_after=1.0) from exc
+        try:
+            await resp._head()
+        except TimeoutError as exc:
+            resp.close()
+            raise UpstreamTimeout(f"Gateway Timeout: node {node.node_id} did not answer within "
+                                  f"{read_timeout:g}s") from exc
+        except LinkLost as exc:
+            resp.close()
+            raise Overloaded(f"Service Unavailable: {exc}", retry_after=1.0) from exc
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    async def _connection(self, node: NodeRecord) -> _Connection:
+        """A connection to `node` from its pool, opening one while the pool is short."""
+        pool = self._pools.setdefault(node.url, [])
+        if len(pool) < self._size:
+            opening = self._opening.get(node.url)
+            if opening is None:
+                opening = self._opening[node.url] = self._tasks.spawn(self._open(node, pool), f"open-{node.node_id}")
+                opening.add_done_callback(lambda _: self._opening.pop(node.url, None))
+            if not pool:  # nothing to use meanwhile
+                return await asyncio.shield(opening)
+        self._turn += 1
+        return pool[self._turn % len(pool)]
+
+    async def _open(self, node: NodeRecord, pool: list[_Connection]) -> _Connection:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout))
+        try:
+            # No size limit: a node's answers are as large as its upstream's; the node is trusted.
+            ws = await self._session.ws_connect(node.url + mux.LINK_PATH, headers={SECRET_HEADER: self._secret},
+                                                heartbeat=mux.HEARTBEAT, max_msg_size=0, autoclose=True)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise Overloaded(f"Service Unavailable: node {node.node_id} refused the link (HTTP {exc.status}"
+                             f"{': check internal_secret' if exc.status == 401 else ''})", retry_after=1.0) from exc
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise Overloaded(f"Service Unavailable: node {node.node_id} cannot be reached ({exc!r})",
+                             retry_after=1.0) from exc
+        conn = _Connection(node, ws, self._buffer_limit, self._tasks)
+        pool.append(conn)
+        self._tasks.spawn(self._serve(conn, pool), f"read-{node.node_id}")
+        log.info("link.opened", extra={"node": node.node_id, "count": len(pool)})
+        return conn
+
+    async def _serve(self, conn: _Connection, pool: list[_Connection]) -> None:
+        try:
+            await conn.run()
+        finally:
+            with contextlib.suppress(ValueError):
+                pool.remove(conn)
+            log.info("link.closed", extra={"node": conn.node.node_id, "count": len(pool)})
 
     async def close(self) -> None:
+        for pool in self._pools.values():
+            for conn in list(pool):
+                await conn.ws.close()
+        await self._tasks.close(timeout=2.0)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -103,6 +103,11 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=0.1),
     _s("client_write_timeout", float, "seconds a stream may wait for a client that does not read before "
        "the gateway closes it (what it missed waits in the event log)", EDGE, minimum=0.1),
+    _s("stream_buffer_bytes", int, "bytes of a stream the gateway holds for a client that reads slower "
+       "than its events come, before it closes the stream (what it missed waits in the event log)", EDGE,
+       minimum=4096),
+    _s("link_connections", int, "WebSocket connections a gateway keeps to each node; every client request "
+       "and stream shares them", EDGE, minimum=1),
     _s("auth", list, "how clients prove who they are: token (bearer tokens or API keys from "
        "auth_tokens_file), jwt (JWTs checked against jwt_jwks), or both; empty: no authentication", EDGE),
     _s("auth_tokens_file", str, "file of 'PRINCIPAL sha256:HEX' lines, the SHA-256 of each token "
@@ -185,6 +190,8 @@ class Config:
     client_header_timeout: float = 30.0
     client_body_timeout: float = 30.0
     client_write_timeout: float = 30.0
+    stream_buffer_bytes: int = 1024 * 1024
+    link_connections: int = 2
     auth: tuple[str, ...] = ()
     auth_tokens_file: str = ""
     jwt_jwks: str = ""
