@@ -88,23 +88,36 @@ def store_routes(store: Store, secret: str) -> list[web.RouteDef]:
     return [web.post(STORE_PATH + "/{op}", handle)]
 
 
+STORE_CONNECTIONS = 100  # a node's connections for session grants and releases
+# Calls that keep the node's lease: they get their own connections, so that a burst of session
+# grants queued for the main pool can never make a node miss its renewal.
+LEASE_OPS = frozenset({"heartbeat", "membership", "leave"})
+
+
 class StoreLink:
-    """A `Store` served by another process over the authenticated internal link."""
+    """A `Store` served by another process over the authenticated internal link.
+
+    `timeout` bounds each call once it is on a connection: waiting for a free
+    connection is not a failure. Under a burst of new sessions the grants
+    queue here (the gateway bounds the whole create); lease calls never do.
+    """
 
     def __init__(self, base_url: str, secret: str, timeout: float = 5.0) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {SECRET_HEADER: secret, "Content-Type": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
     def __repr__(self) -> str:
         return f"StoreLink({self._base!r})"
 
     async def _call(self, op: str, body: dict[str, Any]) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        lease = op in LEASE_OPS
+        if (session := self._sessions.get(lease)) is None:
+            connector = aiohttp.TCPConnector(limit=2 if lease else STORE_CONNECTIONS)
+            session = self._sessions[lease] = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         try:
-            async with self._session.post(f"{self._base}/{op}", data=orjson.dumps(body),
+            async with session.post(f"{self._base}/{op}", data=orjson.dumps(body),
                                           headers=self._headers) as resp:
                 payload = orjson.loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
@@ -150,6 +163,6 @@ class StoreLink:
         return bool(await self._call("reassert", {"record": record.to_dict()}))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
