@@ -32,6 +32,7 @@ PEERS = Path(__file__).resolve().parent / "peers"
 LIGHT_STDIO = [sys.executable, "-m", "tether_demo.light"]
 START_TIMEOUT = 60.0
 SECRET = "loadtest-internal-secret"
+MAX_SESSIONS = 50_000  # per node
 
 
 @dataclass
@@ -296,11 +297,14 @@ def tether_distributed(upstream: str, workdir: Path) -> Target:
 
 
 def _tether_upstream(upstream: str, workdir: Path, started: list[subprocess.Popen[bytes]]) -> list[str]:
+    """Node flags: the light upstream, and room for every session a run opens (the default
+    max_sessions sizes a production node's memory; here a declined session would be noise)."""
+    room = ["--max-sessions", str(MAX_SESSIONS)]
     if upstream == "stdio":
-        return ["--upstream-command", " ".join(LIGHT_STDIO)]
+        return ["--upstream-command", " ".join(LIGHT_STDIO), *room]
     process, url = light_http(workdir)
     started.append(process)
-    return ["--upstream-url", url]
+    return ["--upstream-url", url, *room]
 
 
 def _http_only(name: str, upstream: str) -> None:
