@@ -22,7 +22,7 @@ from actors.lease import NodeLease, reap_idle
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
 from actors.session import JSON, ActorLimits, SessionActor
-from actors.store.base import NodeRecord, Quota, Store
+from actors.store.base import NodeRecord, OwnershipRecord, Quota, Store
 from actors.upstream import ProcessLimits, StdioUpstream, Upstream, scrubbed_env
 from actors.upstream_http import SseUpstream, StreamableHttpUpstream, transport_for
 from tether.config import Config
@@ -38,8 +38,6 @@ from tether.logs import sid_tag
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
-
-
 
 class Declined(Overloaded):
     """This node takes no new sessions now; the gateway tries the next one on the ring."""
@@ -79,6 +77,9 @@ class Node:
         self._starting = 0  # creates in flight, counted against max_sessions
         self._creating: dict[str, asyncio.Future[None]] = {}  # named sessions being created now
         self._idle_creates = asyncio.Event()
+        # Upstream processes starting at once (spawn to initialize answer): a burst of new sessions
+        # must not take the CPU from the node's own lease renewal, or the node ends all it holds.
+        self._start_slots = asyncio.Semaphore(config.max_starting)
         self._idle_creates.set()
 
     def __repr__(self) -> str:
@@ -180,6 +181,22 @@ class Node:
         limit = self.config.max_sessions_per_principal
         record = await self.store.grant(sid, self.node_id, self.incarnation,
                                         quota=Quota(quota, limit) if limit and quota else None)
+        if self.config.upstream_url:  # nothing to spawn: the upstream server is already running
+            return await self._start(sid, record, initialize, principal)
+        try:
+            async with asyncio.timeout(self.config.upstream_start_timeout):
+                await self._start_slots.acquire()
+        except TimeoutError:
+            await self.store.release(record)
+            self.metrics.sessions_declined.inc()
+            raise Declined(f"Node {self.node_id} is busy starting {self.config.max_starting} upstreams") from None
+        try:
+            return await self._start(sid, record, initialize, principal)
+        finally:
+            self._start_slots.release()
+
+    async def _start(self, sid: str, record: OwnershipRecord, initialize: Message | None,
+                     principal: str) -> tuple[SessionActor | None, Message | None]:
         started = self.clock()
         try:
             upstream = await self._start_upstream(sid)

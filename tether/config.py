@@ -72,6 +72,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("kill_grace", float, "seconds between SIGTERM and SIGKILL when ending an upstream", ACTOR,
        minimum=0.0),
     _s("max_sessions", int, "sessions one node holds before it declines new ones", ACTOR, minimum=1),
+    _s("max_starting", int, "upstream processes a node starts at once (from spawn to the initialize answer); "
+       "more new sessions wait for a turn, up to upstream_start_timeout, then the node declines them", ACTOR,
+       minimum=1),
     _s("max_sessions_per_principal", int, "live sessions one principal (or, without auth, one client "
        "address) may hold across all nodes (else 429); 0: no limit", ACTOR, minimum=0),
     _s("upstream_max_memory", int, "address-space limit of each upstream process, in bytes; 0: none", ACTOR,
@@ -175,6 +178,7 @@ class Config:
     kill_grace: float = 3.0
     max_sessions: int = 1000
     max_sessions_per_principal: int = 0
+    max_starting: int = 8
     upstream_max_memory: int = 0
     upstream_max_cpu: int = 0
     upstream_max_files: int = 0

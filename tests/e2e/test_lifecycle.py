@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ GRACE = 1.0
 # Rule 4: gone within idle timeout plus one scan interval (plus the kill grace and scheduling slack).
 REAP_DEADLINE = IDLE + SCAN + GRACE + 5.0
 LIST = {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}
+BURST = 120  # sessions opened at once
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +188,18 @@ async def test_an_idle_websocket_keeps_its_session_alive(idle_raw: RawClient, sh
         await ws.send(orjson.dumps(call_tool(3, "increment")).decode())
         assert orjson.loads(await ws.recv())["result"]["content"][0]["text"] == "1"
     await wait_process_gone(pid, timeout=REAP_DEADLINE)  # closed with 1000: the session ends with it
+
+
+async def test_a_burst_of_new_sessions_leaves_the_node_its_lease(tmp_path: Path,
+                                                                 http: aiohttp.ClientSession) -> None:
+    # Each new session forks an upstream; forks taken all at once would hold the node's loop past
+    # its lease (1 s here), and a node that cannot prove its lease ends every session it holds.
+    up = start_tether(tmp_path, "--nodes", "1", "--heartbeat-ttl", "1", "--membership-refresh", "0.2")
+    try:
+        raw = RawClient(http, up.mcp_url)
+        sids = await asyncio.gather(*(raw.initialize() for _ in range(BURST)))
+        for sid in sids:  # every session is still there, on a node that kept its lease
+            assert "result" in await raw.call(sid, LIST)
+        assert "lease.lost" not in up.log()
+    finally:
+        assert up.stop() == 0, up.log()[-3000:]
