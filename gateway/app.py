@@ -241,11 +241,13 @@ class Gateway:
 
     async def relay(self, request: web.Request, resp: LinkResponse,
                     extra: Mapping[str, str], transport: str = TRANSPORT) -> web.StreamResponse:
-        """Copy a node's answer to the client; SSE is streamed chunk by chunk, never buffered whole."""
+        """Copy a node's answer to the client; SSE is streamed chunk by chunk, never buffered whole. An
+        answer that came whole (a POST's SSE answer usually does: one frame) leaves in one write."""
         try:
-            if resp.content_type != "text/event-stream":
-                headers: dict[str, str] = {k: v for k in ("Content-Type", "Retry-After")
-                                           if (v := resp.headers.get(k)) is not None}
+            sse = resp.content_type == "text/event-stream"
+            if not sse or resp.complete:
+                headers: dict[str, str] = SSE_HEADERS if sse else {
+                    k: v for k in ("Content-Type", "Retry-After") if (v := resp.headers.get(k)) is not None}
                 return web.Response(status=resp.status, body=await resp.read(), headers={**headers, **extra})
             out = web.StreamResponse(status=resp.status, headers={**SSE_HEADERS, **extra})
             await out.prepare(request)

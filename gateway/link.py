@@ -66,6 +66,11 @@ class LinkResponse:
         return self.headers.get("Content-Type", "application/octet-stream").partition(";")[0].strip()
 
     @property
+    def complete(self) -> bool:
+        """True once the whole answer has arrived (it may not have been read yet)."""
+        return self._fin
+
+    @property
     def at_eof(self) -> bool:
         """True once the whole answer has arrived and been read."""
         return self._fin and not self._chunks
