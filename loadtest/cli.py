@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send this header on every request (repeatable)")
     run.add_argument("--token", help="send Authorization: Bearer TOKEN (also TETHER_LOADTEST_TOKEN)")
     run.add_argument("--tick-interval", type=float, default=1.0, help="idle-streams, resume: seconds per event")
+    run.add_argument("--ramp", type=float, default=0.0,
+                     help="idle-streams, resume: seconds over which sessions start, evenly (0: all at once)")
     run.add_argument("--idle-timeout", type=float, default=0.0, help="churn: the target's idle timeout")
     run.add_argument("--scan-interval", type=float, default=0.0, help="churn: the target's reaper interval")
     run.add_argument("--metrics", action="append", default=[], metavar="URL",
@@ -145,7 +147,7 @@ def options_from(args: argparse.Namespace, target: str) -> Options:
         headers["Authorization"] = f"Bearer {token}"
     return Options(target=target, sessions=args.sessions, duration=args.duration, rate=args.rate,
                    max_requests=args.max_requests, headers=headers, timeout=args.timeout,
-                   tick_interval=args.tick_interval, idle_timeout=args.idle_timeout,
+                   tick_interval=args.tick_interval, ramp=args.ramp, idle_timeout=args.idle_timeout,
                    scan_interval=args.scan_interval, metrics=tuple(args.metrics), seed=args.seed)
 
 

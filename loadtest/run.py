@@ -33,6 +33,7 @@ class Options:
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float = 30.0  # seconds one request may take
     tick_interval: float = 1.0  # idle-streams and resume: seconds between server notifications
+    ramp: float = 0.0  # idle-streams and resume: seconds over which the sessions start, evenly; 0: at once
     idle_timeout: float = 0.0  # churn: the target's idle timeout, seconds
     scan_interval: float = 0.0  # churn: the target's reaper interval, seconds
     metrics: tuple[str, ...] = ()  # /metrics URLs that count the target's live sessions
@@ -42,7 +43,7 @@ class Options:
         for name, value, low, strict in (("sessions", self.sessions, 1, False),
                                          ("max_requests", self.max_requests, 1, False),
                                          ("duration", self.duration, 0, True), ("rate", self.rate, 0, False),
-                                         ("timeout", self.timeout, 0, True),
+                                         ("timeout", self.timeout, 0, True), ("ramp", self.ramp, 0, False),
                                          ("tick_interval", self.tick_interval, 0, True)):
             if value < low or (strict and value == low):
                 bound = "above" if strict else "of at least"

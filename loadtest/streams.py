@@ -1,8 +1,9 @@
 """`idle-streams` and `resume`: sessions hold a GET stream and count the server's numbered events.
 
-Each session opens its stream, then asks the server (the light upstream's `tick` tool) for
-one notification every `tick_interval` seconds, numbered from 1. At the end it asks how
-many were sent and waits for the stream to catch up. Every number not received is an
+Each session (all at once, or spread evenly over `ramp` seconds) opens its stream, then asks
+the server (the light upstream's `tick` tool) for one notification every `tick_interval`
+seconds, numbered from 1. At the end it asks how many were sent and waits for the stream to
+catch up. Every number not received is an
 `event_lost` violation, every number received twice an `event_duplicated`. The latency
 recorded for an event is how long after its due time it arrived.
 
@@ -110,6 +111,7 @@ class TickStream:
 async def one_session(run: Run, index: int, cut: bool, rng: random.Random,
                       progress: Callable[[], None] | None) -> None:
     rec, o = run.recorder, run.options
+    await run.sleep_until(index * o.ramp / o.sessions)  # a crowd arrives over the ramp, not in one instant
     stream = TickStream(run, index, cut, rng, progress)
     try:
         await stream.client.initialize()
@@ -158,11 +160,11 @@ async def _streams(run: Run, cut: bool, progress: Callable[[], None] | None) -> 
     sessions = [tasks.spawn(one_session(run, i, cut, random.Random(rng.random()), progress), "session")
                 for i in range(o.sessions)]
     # Each session: start (2 requests), open, tick, the ticks, catch up, ask, delete.
-    _, late = await asyncio.wait(sessions, timeout=o.duration + CATCH_UP + OPEN_TIMEOUT + 5 * o.timeout)
+    _, late = await asyncio.wait(sessions, timeout=o.ramp + o.duration + CATCH_UP + OPEN_TIMEOUT + 5 * o.timeout)
     for _ in late:
         run.recorder.error(run.now(), "unfinished")
     await tasks.close()
     for task in sessions:
         if not task.cancelled() and (exc := task.exception()) is not None:
             raise exc  # a bug in the scenario, not a finding about the target
-    return {"tick_interval": run.options.tick_interval}
+    return {"tick_interval": o.tick_interval, "ramp": o.ramp}

@@ -114,6 +114,15 @@ async def test_churn_reports_a_target_that_never_reaps(tmp_path: Path) -> None:
     assert result["violations_by_kind"] == {"session_leaked": 4}
 
 
+async def test_idle_streams_ramps_its_sessions_in(light_tether: TetherUp) -> None:
+    result = await run_scenario("idle-streams", Options(light_tether.mcp_url, sessions=4, duration=0.5,
+                                                        tick_interval=0.1, ramp=2.0))
+    assert result["errors"] == 0 and result["violations"] == 0, result["violation_examples"]
+    assert result["counters"]["events_received"] == 4 * 5
+    assert result["extra"]["ramp"] == 2.0
+    assert result["seconds"] >= 1.5 + 0.5  # the last session starts 3/4 into the ramp, then runs its duration
+
+
 async def test_idle_streams_reports_a_stream_that_loses_events(http) -> None:
     with light_http_servers(1) as (upstream,):
         async with serving(faulty_stream(upstream, http, drop_every=4)) as url:

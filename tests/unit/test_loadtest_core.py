@@ -113,3 +113,9 @@ async def test_a_404_means_the_session_is_gone_and_a_new_one_starts() -> None:
     rec, session = await play(0, [1, 2, Failed("http_404")], [1, 2])
     assert rec.counters["sessions_lost"] == 1 and len(rec.losses) == 1
     assert len(session.clients) == 2 and sum(rec.violations.values()) == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [("ramp", -1.0), ("tick_interval", 0.0), ("sessions", 0)])
+def test_options_refuse_a_value_out_of_range_by_name(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"Cannot use {field} "):
+        Options("http://unused", **{field: value})  # type: ignore[arg-type]
