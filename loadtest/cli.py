@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtest import churn, report, streams, tools
+from loadtest import churn, report, sessions, streams, tools
 from loadtest.run import Options, Run
 
 Scenario = Callable[..., Awaitable[dict[str, Any]]]
@@ -31,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "idle-streams": streams.idle_streams,
     "resume": streams.resume,
     "churn": churn.churn,
+    "sessions": sessions.sessions,
 }
 LOCAL_ONLY = ("scale",)  # scenarios that start their own target
 
@@ -52,7 +53,7 @@ async def run_scenario(name: str, options: Options, progress: bool = False) -> d
 
 
 def result_of(name: str, options: Options, run: Run, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
-    paced = options.rate and name in ("tools", "websocket", "scale")  # the others ignore --rate
+    paced = options.rate and name in ("tools", "websocket", "scale", "sessions")  # the others ignore --rate
     return {"scenario": name, "target": options.target, "mode": "open" if paced else "closed",
             "rate": options.rate, "sessions": options.sessions, "duration": options.duration,
             "seconds": round(seconds, 3), **run.recorder.summary(seconds), "extra": extra}
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("scenario", choices=[*SCENARIOS, *LOCAL_ONLY])
     run.add_argument("--target", help="MCP endpoint URL, e.g. http://127.0.0.1:8080/mcp")
-    run.add_argument("--sessions", type=int, default=16, help="concurrent sessions (churn: sessions opened)")
+    run.add_argument("--sessions", type=int, default=16,
+                     help="concurrent sessions (churn: sessions opened; sessions: workers opening them)")
     run.add_argument("--duration", type=float, default=10.0, help="seconds; the run stops by itself")
     run.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (0: closed loop)")
     run.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")

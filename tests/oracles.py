@@ -73,6 +73,31 @@ def non_sticky(upstreams: list[str], http: aiohttp.ClientSession) -> web.Applica
     return app
 
 
+def one_session(upstream: str, http: aiohttp.ClientSession) -> web.Application:
+    """Opens one session upstream and hands it to every client that initializes, as a proxy that
+    shares one server among all its clients does."""
+    shared: list[str] = []
+
+    async def post(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if shared and orjson.loads(body).get("method") == "initialize":
+            return web.Response(body=orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": {
+                "protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": {"name": "one", "version": "1"}}}),
+                content_type="application/json", headers={SESSION: shared[0]})
+        if shared:
+            headers[SESSION] = shared[0]
+        async with http.post(upstream, data=body, headers=headers) as r:
+            if r.headers.get(SESSION) and not shared:
+                shared.append(r.headers[SESSION])
+            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type,
+                                headers={SESSION: shared[0]} if shared else {})
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    return app
+
+
 def faulty_stream(upstream: str, http: aiohttp.ClientSession, drop_every: int = 0,
                   repeat_every: int = 0) -> web.Application:
     """Passes everything through, but the GET stream loses every `drop_every`-th event, or sends

@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.cli import run_scenario
 from loadtest.run import Options
-from tests.oracles import faulty_stream, light_http_servers, non_sticky, serving
+from tests.oracles import faulty_stream, light_http_servers, non_sticky, one_session, serving
 from tests.support import TetherUp
 
 pytestmark = pytest.mark.e2e
@@ -121,6 +121,20 @@ async def test_idle_streams_ramps_its_sessions_in(light_tether: TetherUp) -> Non
     assert result["counters"]["events_received"] == 4 * 5
     assert result["extra"]["ramp"] == 2.0
     assert result["seconds"] >= 1.5 + 0.5  # the last session starts 3/4 into the ramp, then runs its duration
+
+
+async def test_sessions_counts_each_new_session_once(light_tether: TetherUp) -> None:
+    result = await run_scenario("sessions", Options(light_tether.mcp_url, sessions=4, duration=1))
+    assert result["errors"] == 0 and result["violations"] == 0, result["violation_examples"]
+    assert result["requests"] == result["extra"]["sessions_opened"] >= 8  # each one a new session
+
+
+async def test_sessions_reports_a_target_that_hands_out_one_session_twice(http) -> None:
+    with light_http_servers(1) as (upstream,):
+        async with serving(one_session(upstream, http)) as url:
+            result = await run_scenario("sessions", Options(url, sessions=2, duration=0.5))
+    assert result["violations_by_kind"]["session_reused"] == result["violations"] >= 1
+    assert result["extra"]["sessions_opened"] == 1
 
 
 async def test_idle_streams_reports_a_stream_that_loses_events(http) -> None:
