@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,7 +195,8 @@ async def test_a_burst_of_new_sessions_leaves_the_node_its_lease(tmp_path: Path,
                                                                  http: aiohttp.ClientSession) -> None:
     # Each new session forks an upstream; forks taken all at once would hold the node's loop past
     # its lease (1 s here), and a node that cannot prove its lease ends every session it holds.
-    up = start_tether(tmp_path, "--nodes", "1", "--heartbeat-ttl", "1", "--membership-refresh", "0.2")
+    up = start_tether(tmp_path, "--nodes", "1", "--heartbeat-ttl", "1", "--membership-refresh", "0.2",
+                      "--upstream-command", f"{sys.executable} -m tether_demo.light")
     try:
         raw = RawClient(http, up.mcp_url)
         sids = await asyncio.gather(*(raw.initialize() for _ in range(BURST)))
