@@ -1,0 +1,73 @@
+"""The gateway-node link on its own: the gateway's `NodeLink` against a real node, with a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from actors.internal import CREATE_HEADER, RESPONSE_HEADER
+from actors.mcp import VERSION_HEADER
+from actors.node import Node
+from actors.node_api import serve_node
+from actors.store.base import NodeRecord
+from actors.store.memory import MemoryStore
+from gateway.link import LinkLost, NodeLink
+from tests.support import call_tool, initialize_message, wait_until
+from tether.config import Config
+
+SECRET = "link-test-secret"
+SID = "link-test-session"
+LIMIT = 4096
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    config = Config(host="127.0.0.1", port=0, internal_secret=SECRET, keepalive_interval=0.5)
+    async with serve_node(config, MemoryStore(), [sys.executable, "-m", "tether_demo.light"]) as node:
+        await wait_until(lambda: _ready(node), timeout=10, what="the node's lease")
+        yield node
+
+
+async def _ready(node: Node) -> bool:
+    return node.ready()
+
+
+async def test_a_stream_its_reader_stops_taking_is_dropped_at_the_buffer_limit(node: Node) -> None:
+    link = NodeLink(SECRET, buffer_limit=LIMIT)
+    record = NodeRecord(node.node_id, node.url)
+    try:
+        async with await link.call(record, "POST", SID, body=orjson.dumps(initialize_message()), read_timeout=10,
+                                   headers={CREATE_HEADER: "1", RESPONSE_HEADER: "json"}) as created:
+            assert created.status == 200, await created.read()
+        stream = await link.call(record, "GET", SID, read_timeout=10, headers={VERSION_HEADER: "2025-06-18"})
+        assert stream.status == 200
+        # Nobody reads `stream` from here on, as when the gateway's client stops reading.
+        async with await link.call(record, "POST", SID, read_timeout=10, headers={RESPONSE_HEADER: "json"},
+                                   body=orjson.dumps(call_tool(2, "tick", {"interval": 0.001, "count": 500}))) as ok:
+            assert ok.status == 200
+
+        async def all_sent() -> bool:
+            async with await link.call(record, "POST", SID, read_timeout=10, headers={RESPONSE_HEADER: "json"},
+                                       body=orjson.dumps(call_tool(3, "ticks_sent", {}))) as sent:
+                return b'"text":"500"' in await sent.read()
+
+        await wait_until(all_sent, timeout=10, what="the server to send every tick")
+        with pytest.raises(LinkLost, match=f"over stream_buffer_bytes \\({LIMIT}\\)"):
+            async with asyncio.timeout(10):  # a stream kept alive would be read forever
+                async for _ in stream.chunks():  # what had arrived is gone: the stream was dropped
+                    pass
+
+        async def reopens() -> bool:  # the node freed the session's stream: a new reader may take it
+            async with await link.call(record, "GET", SID, read_timeout=10) as again:
+                return again.status == 200
+
+        await wait_until(reopens, timeout=10, what="the node to free the dropped stream")
+        async with await link.call(record, "POST", SID, read_timeout=10, headers={RESPONSE_HEADER: "json"},
+                                   body=orjson.dumps(call_tool(4, "ticks_sent", {}))) as after:
+            assert after.status == 200  # the link, shared with the dropped stream, goes on
+    finally:
+        await link.close()
