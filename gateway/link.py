@@ -159,6 +159,8 @@ class _Connection:
     async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
                     read_timeout: float) -> LinkResponse:
         xid = next(self._ids) & 0xFFFFFFFF
+        while xid in self.exchanges:  # after 2**32 exchanges the ids wrap; a stream may still hold one
+            xid = next(self._ids) & 0xFFFFFFFF
         resp = LinkResponse(self, xid, read_timeout)
         self.exchanges[xid] = resp
         await self.ws.send_bytes(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
