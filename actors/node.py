@@ -39,6 +39,7 @@ from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
 
+
 class Declined(Overloaded):
     """This node takes no new sessions now; the gateway tries the next one on the ring."""
 
