@@ -213,7 +213,7 @@ class NodeLink:
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
         self._pools: dict[str, list[_Connection]] = {}
-        self._opening: dict[str, asyncio.Task[_Connection]] = {}
+        self._opening: dict[str, asyncio.Task[_Connection | Overloaded]] = {}
         self._tasks = TaskSet("link")
         self._turn = 0
 
@@ -255,11 +255,16 @@ class NodeLink:
                 opening = self._opening[node.url] = self._tasks.spawn(self._open(node, pool), f"open-{node.node_id}")
                 opening.add_done_callback(lambda _: self._opening.pop(node.url, None))
             if not pool:  # nothing to use meanwhile
-                return await asyncio.shield(opening)
+                opened = await asyncio.shield(opening)
+                if isinstance(opened, Overloaded):
+                    raise Overloaded(opened.message, retry_after=1.0)
+                return opened
         self._turn += 1
         return pool[self._turn % len(pool)]
 
-    async def _open(self, node: NodeRecord, pool: list[_Connection]) -> _Connection:
+    async def _open(self, node: NodeRecord, pool: list[_Connection]) -> _Connection | Overloaded:
+        """A new connection in `pool`, or why there is none. The refusal is returned, not raised: it is
+        the answer of every request waiting on this attempt, not a crash of the task making it."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
@@ -269,16 +274,20 @@ class NodeLink:
             ws = await self._session.ws_connect(node.url + mux.LINK_PATH, headers={SECRET_HEADER: self._secret},
                                                 heartbeat=mux.HEARTBEAT, max_msg_size=0, autoclose=True)
         except aiohttp.WSServerHandshakeError as exc:
-            raise Overloaded(f"Service Unavailable: node {node.node_id} refused the link (HTTP {exc.status}"
-                             f"{': check internal_secret' if exc.status == 401 else ''})", retry_after=1.0) from exc
+            return self._refused(node, f"refused the link (HTTP {exc.status}"
+                                       f"{': check internal_secret' if exc.status == 401 else ''})")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise Overloaded(f"Service Unavailable: node {node.node_id} cannot be reached ({exc!r})",
-                             retry_after=1.0) from exc
+            return self._refused(node, f"cannot be reached ({exc!r})")
         conn = _Connection(node, ws, self._buffer_limit, self._tasks)
         pool.append(conn)
         self._tasks.spawn(self._serve(conn, pool), f"read-{node.node_id}")
         log.info("link.opened", extra={"node": node.node_id, "count": len(pool)})
         return conn
+
+    @staticmethod
+    def _refused(node: NodeRecord, why: str) -> Overloaded:
+        log.info("link.open_failed", extra={"node": node.node_id, "detail": why})
+        return Overloaded(f"Service Unavailable: node {node.node_id} {why}", retry_after=1.0)
 
     async def _serve(self, conn: _Connection, pool: list[_Connection]) -> None:
         try:

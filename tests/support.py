@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest.recipes import free_port
+
 LATEST = "2025-11-25"
 ACCEPT_BOTH = "application/json, text/event-stream"
 
@@ -206,12 +208,6 @@ def children_of(pid: int) -> list[int]:
     from loadtest.recipes import children
 
     return children(pid)
-
-
-def free_port() -> int:
-    from loadtest.recipes import free_port
-
-    return free_port()
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any
 
 import aiohttp
 
+from loadtest.recipes import free_port
 from tests.k8s.manifests import ROOT, containers, pod_labels, workloads
-from tests.support import free_port
 
 Obj = dict[str, Any]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"

@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import pytest
 
 from actors.internal import SECRET_HEADER
-from tests.support import RawClient, call_tool, error_message, free_port
+from loadtest.recipes import free_port
+from tests.support import RawClient, call_tool, error_message
 from tests.topology import SECRET
 
 pytestmark = pytest.mark.e2e
