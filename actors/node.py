@@ -420,7 +420,7 @@ class Node:
 async def _answer(actor: SessionActor, stream: StreamLog) -> Message | None:
     """The response on a JSON stream (None if the session ended first)."""
     try:
-        async for item in actor.read(stream, 0, keepalive=3600.0):
+        async for item in actor.read(stream, 0):
             if item is not None and "method" not in item[1]:
                 return item[1]
         return None

@@ -209,16 +209,19 @@ async def _create(node: Node, call: Call, messages: list[Message], mode: str, re
 async def _collect(node: Node, actor: SessionActor, stream: StreamLog) -> list[Message]:
     """The answers of a JSON POST. The actor answers a request the upstream sits on with a timeout error."""
     try:
-        return [item[1] async for item in actor.read(stream, 0, node.config.keepalive_interval)
-                if item is not None]
+        return [item[1] async for item in actor.read(stream, 0) if item is not None]
     finally:
         actor.forget(stream)
 
 
 async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog, after: int,
                   reply: Reply) -> None:
-    """Serve `stream` as SSE from seq `after`: replay, then live, with event ids and keep-alive pings.
+    """Serve `stream` as SSE from seq `after`: replay, then live, with event ids.
 
+    The gateway pings its client when a stream is quiet, so an idle GET stream
+    costs the node nothing. A POST's stream is pinged here too, every
+    `keepalive_interval`: its head waits for its first bytes, and a slow tool
+    must not leave the client without headers until it answers.
     A client that goes away only detaches: the stream's events go on into the
     log for a reader that comes back with Last-Event-ID.
     """
@@ -233,7 +236,8 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
         if call.method == "GET":
             await reply.write(pending)
             pending = b""
-        async with contextlib.aclosing(actor.read(stream, after, node.config.keepalive_interval)) as items:
+        keepalive = None if call.method == "GET" else node.config.keepalive_interval
+        async with contextlib.aclosing(actor.read(stream, after, keepalive)) as items:
             async for item in items:
                 chunk = pending + (PING if item is None else event(item[1], event_id=item[0]))
                 pending = b""
@@ -242,7 +246,6 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
                     stream.delivered = max(stream.delivered, item[0].seq)  # read() is closed before it can
                     return
                 await reply.write(chunk)
-                actor.lease.touch(node.clock())  # it got through: the link took it
         await reply.end(pending)
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})

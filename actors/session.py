@@ -66,6 +66,8 @@ class SessionActor:
         self.upstream = upstream
         self.limits = limits
         self.lease = IdleLease(limits.idle_timeout, clock())
+        self._clock = clock
+        self._readers = 0  # client streams attached now: a session someone reads is never idle
         self.mailbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=limits.mailbox_depth)
         self.log = EventLog(limits.event_log_size)
         self.pending: dict[RequestId, StreamLog] = {}
@@ -91,8 +93,10 @@ class SessionActor:
 
     @property
     def busy(self) -> bool:
-        """True while the upstream owes an answer: a session in use is never idle."""
-        return bool(self.pending)
+        """True while the upstream owes an answer or a client holds a stream open: a session in use is
+        never idle. A stream stays attached only while its gateway gets keep-alives through to the
+        client; when the client goes, the gateway cancels it, and the idle clock starts then."""
+        return bool(self.pending) or self._readers > 0
 
     def start(self) -> None:
         self._tasks.spawn(self._read_upstream(), "read")
@@ -184,16 +188,18 @@ class SessionActor:
             raise Conflict("Conflict: this session already has an open GET stream")
         return stream, stream.delivered
 
-    async def read(self, stream: StreamLog, after: int, keepalive: float,
+    async def read(self, stream: StreamLog, after: int, keepalive: float | None = None,
                    ) -> AsyncGenerator[tuple[EventId, Message] | None, None]:
         """`stream`'s events after seq `after`, live until the stream finishes, the session ends, or
-        another reader takes the stream over; None after each `keepalive` of silence (a ping is due).
+        another reader takes the stream over; with `keepalive`, None after each `keepalive` of silence
+        (a ping is due). Without, an idle reader costs no timer and no wake-up.
         Raises `CursorExpired` if this reader falls so far behind that the log drops what it has not read."""
         me = object()
         if stream.reader is not None:
             self._notify()  # wake the reader we replace, so it sees it is gone
         stream.reader = me
         seq = after
+        self._readers += 1
         try:
             while stream.reader is me:
                 for number, message in stream.after(seq):
@@ -209,6 +215,8 @@ class SessionActor:
                 except TimeoutError:
                     yield None
         finally:
+            self._readers -= 1
+            self.lease.touch(self._clock())  # the idle clock starts when the last reader leaves
             if stream.reader is me:
                 stream.reader = None
 

@@ -32,6 +32,7 @@ from actors.mcp import MODERN_VERSIONS, SESSION_HEADER, VERSION_HEADER
 from actors.placement import Placement
 from actors.session import CHANNEL
 from actors.sse import HEADERS as SSE_HEADERS
+from actors.sse import PING
 from actors.store.base import NodeRecord, OwnershipRecord, Store
 from actors.store.link import store_routes
 from gateway import rules
@@ -229,11 +230,13 @@ class Gateway:
             raise SessionNotFound("Session not found")
         return resp
 
-    def read_timeout(self, method: str, headers: Mapping[str, str] | None) -> float:
-        """How long the gateway waits for bytes from a node before it gives up on it."""
+    def read_timeout(self, method: str, headers: Mapping[str, str] | None) -> float | None:
+        """How long the gateway waits for bytes from a node before it gives up on it. A GET stream may
+        be silent for ever (the gateway pings its client): only the link's heartbeat watches it."""
         config = self.config
-        streaming = method == "GET" or (headers or {}).get(RESPONSE_HEADER) == "sse"
-        if streaming:  # the node pings idle streams every keepalive_interval
+        if method == "GET":
+            return None
+        if (headers or {}).get(RESPONSE_HEADER) == "sse":  # the node pings a POST's stream while it waits
             return 3 * config.keepalive_interval + LINK_SLACK
         if method == "DELETE":
             return config.kill_grace + LINK_SLACK
@@ -268,18 +271,20 @@ class Gateway:
             log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
 
     async def pipe(self, resp: LinkResponse, out: web.StreamResponse, transport: str) -> None:
-        """Copy a node's SSE stream to the client as it arrives, until either side goes. A client that
-        stops reading for `client_write_timeout` is cut off; what it missed waits in the event log."""
+        """Copy a node's SSE stream to the client as it arrives, until either side goes, with a
+        keep-alive comment after each `keepalive_interval` of silence: the gateway pings its own
+        clients, so an idle stream wakes no node. A client that stops reading for
+        `client_write_timeout` is cut off; what it missed waits in the event log."""
         gauge = self.metrics.streams_open.labels(transport)
         gauge.inc()
         write_timeout = self.config.client_write_timeout
         try:
-            async for chunk in resp.chunks():
+            async for chunk in resp.chunks(idle=self.config.keepalive_interval):
                 async with asyncio.timeout(write_timeout):
                     if resp.at_eof:  # the last chunk: send it with the end of the body, in one write
                         await out.write_eof(chunk)
                         return
-                    await out.write(chunk)
+                    await out.write(chunk or PING)
         except (ConnectionError, TimeoutError, LinkLost):
             pass  # one side went away or stalled; closing the link response tells the node
         finally:

@@ -40,7 +40,8 @@ class LinkLost(Exception):
 class LinkResponse:
     """A node's answer to one exchange: its status and headers, then its body as it arrives.
 
-    Reads wait at most `read_timeout` for each piece. `close` (or leaving
+    Reads wait at most `read_timeout` for each piece (None: as long as the
+    link lives; its heartbeat finds a node that died). `close` (or leaving
     `async with`) tells the node to abandon an answer that has not ended.
     """
 
@@ -49,7 +50,7 @@ class LinkResponse:
     __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout", "_chunks", "_size", "_fin", "_error",
                  "_waiter")
 
-    def __init__(self, conn: _Connection, xid: int, read_timeout: float) -> None:
+    def __init__(self, conn: _Connection, xid: int, read_timeout: float | None) -> None:
         self.status = 0
         self.headers = {}
         self._conn = conn
@@ -75,19 +76,30 @@ class LinkResponse:
         """True once the whole answer has arrived and been read."""
         return self._fin and not self._chunks
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it comes: whatever has arrived since the last piece, joined. Raises `LinkLost`, or
+    async def chunks(self, idle: float | None = None) -> AsyncIterator[bytes]:
+        """The body as it comes: whatever has arrived since the last piece, joined. With `idle`, an empty
+        piece after each `idle` seconds of silence: time for a keep-alive. Raises `LinkLost`, or
         `TimeoutError` when the node sends nothing for `read_timeout`."""
+        loop = asyncio.get_running_loop()
+        silent_until: float | None = None  # when the node's silence becomes a timeout
         while True:
             if self._chunks:
                 chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
                 self._chunks.clear()
                 self._size = 0
+                silent_until = None
                 yield chunk
             elif self._fin:
                 return
             else:
-                await self._wait()
+                if silent_until is None and self._read_timeout is not None:
+                    silent_until = loop.time() + self._read_timeout
+                left = None if silent_until is None else silent_until - loop.time()
+                if idle is not None and (left is None or idle < left):
+                    if not await self._wait(idle):
+                        yield b""
+                elif not await self._wait(left):
+                    raise TimeoutError
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
@@ -106,19 +118,24 @@ class LinkResponse:
 
     async def _head(self) -> None:
         while self.status == 0:
-            await self._wait()
+            if not await self._wait(self._read_timeout):
+                raise TimeoutError
 
-    async def _wait(self) -> None:
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for the node's next frame; False if `timeout` passed first. Raises the exchange's failure."""
         if self._error is not None:
             raise self._error
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(self._read_timeout):
+            async with asyncio.timeout(timeout):
                 await self._waiter
+        except TimeoutError:
+            return False
         finally:
             self._waiter = None
         if self._error is not None and not self._chunks:
             raise self._error
+        return True
 
     def _feed(self, frame: mux.Frame, limit: int) -> None:
         if frame.kind == mux.RESPONSE:
@@ -157,7 +174,7 @@ class _Connection:
         self._tasks = tasks
 
     async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
-                    read_timeout: float) -> LinkResponse:
+                    read_timeout: float | None) -> LinkResponse:
         xid = next(self._ids) & 0xFFFFFFFF
         while xid in self.exchanges:  # after 2**32 exchanges the ids wrap; a stream may still hold one
             xid = next(self._ids) & 0xFFFFFFFF
@@ -217,7 +234,7 @@ class NodeLink:
         self._tasks = TaskSet("link")
         self._turn = 0
 
-    async def call(self, node: NodeRecord, method: str, sid: str, *, read_timeout: float,
+    async def call(self, node: NodeRecord, method: str, sid: str, *, read_timeout: float | None,
                    body: bytes | None = None, headers: Mapping[str, str] | None = None) -> LinkResponse:
         """Send one request to `node` for session `sid`; returns once the answer's head has come. The
         caller reads the answer and closes it.

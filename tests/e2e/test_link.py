@@ -71,3 +71,38 @@ async def test_a_stream_its_reader_stops_taking_is_dropped_at_the_buffer_limit(n
             assert after.status == 200  # the link, shared with the dropped stream, goes on
     finally:
         await link.close()
+
+
+async def test_an_idle_get_stream_costs_the_node_nothing_and_keeps_its_session(tmp_path: object) -> None:
+    # The gateway pings its clients itself: the node sends nothing on an idle GET stream, not even at
+    # its keep-alive interval, and the attached stream alone keeps the session from idle expiry.
+    config = Config(host="127.0.0.1", port=0, internal_secret=SECRET, keepalive_interval=0.2,
+                    idle_timeout=0.5, scan_interval=0.05)
+    async with serve_node(config, MemoryStore(), [sys.executable, "-m", "tether_demo.light"]) as node:
+        await wait_until(lambda: _ready(node), timeout=10, what="the node's lease")
+        link = NodeLink(SECRET)
+        record = NodeRecord(node.node_id, node.url)
+        try:
+            async with await link.call(record, "POST", SID, body=orjson.dumps(initialize_message()),
+                                       read_timeout=10, headers={CREATE_HEADER: "1", RESPONSE_HEADER: "json"}):
+                pass
+            async with await link.call(record, "GET", SID, read_timeout=None,
+                                       headers={VERSION_HEADER: "2025-06-18"}) as stream:
+                quiet = 0
+                async with asyncio.timeout(20):
+                    async for chunk in stream.chunks(idle=0.1):
+                        if chunk.startswith(b"id:"):
+                            continue  # the priming event, sent when the stream opens
+                        assert chunk == b"", f"the node sent {chunk!r} on an idle stream"
+                        quiet += 1
+                        if quiet == 30:  # 3 s: 15 of the node's keep-alive intervals, 6 idle timeouts
+                            break
+                assert SID in node.actors and node.actors[SID].ended is None
+            # The stream is gone: the idle clock runs again.
+            await wait_until(lambda: _ended(node), timeout=10, what="idle expiry after the stream closed")
+        finally:
+            await link.close()
+
+
+async def _ended(node: Node) -> bool:
+    return SID not in node.actors
