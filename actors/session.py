@@ -32,6 +32,7 @@ from actors.mcp import (
 )
 from actors.store.base import OwnershipRecord
 from actors.upstream import Upstream
+from actors.waiting import Broadcast, Inbox, Latch
 from tether.errors import CONNECTION_CLOSED, REQUEST_TIMEOUT, BadRequest, Conflict, Overloaded, UpstreamError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet
@@ -68,7 +69,7 @@ class SessionActor:
         self.lease = IdleLease(limits.idle_timeout, clock())
         self._clock = clock
         self._readers = 0  # client streams attached now: a session someone reads is never idle
-        self.mailbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=limits.mailbox_depth)
+        self.mailbox: Inbox[Message] = Inbox(limits.mailbox_depth)
         self.log = EventLog(limits.event_log_size)
         self.pending: dict[RequestId, StreamLog] = {}
         self.tokens: dict[object, RequestId] = {}  # progress token -> the request that gave it
@@ -79,10 +80,10 @@ class SessionActor:
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
         self._timers: dict[RequestId, asyncio.TimerHandle] = {}
-        self._changed = asyncio.Event()  # set (and replaced) whenever any stream gets an event
+        self._changed = Broadcast()  # notified whenever any stream gets an event
         self._initialized_sent = False
         self._closing = False
-        self._done = asyncio.Event()
+        self._done = Latch()
         self._on_exit = on_exit
         self._on_dropped = on_dropped
         self._tasks = TaskSet(f"actor-{self.tag}")
@@ -119,14 +120,14 @@ class SessionActor:
         ids = [m["id"] for m in requests]
         if len(set(ids)) != len(ids) or any(i in self.pending for i in ids):
             raise BadRequest("Invalid Request: a request with this id is already in flight in this session")
-        if self.mailbox.maxsize - self.mailbox.qsize() < len(messages):
+        if (self.mailbox.room or 0) < len(messages):
             raise Overloaded(f"Session busy: {self.mailbox.maxsize} messages already queued for the server",
                              retry_after=1.0)
         stream = self._stream_for(mode) if requests else None
         for request in requests:
             self._expect(request, stream or self.log.get_stream())
         for message in messages:
-            self.mailbox.put_nowait(message)
+            self.mailbox.put(message)
         self._initialized_sent = self._initialized_sent or initialized  # only once it is really queued
         return None if mode == CHANNEL else stream
 
@@ -159,8 +160,8 @@ class SessionActor:
         """Tell the upstream a request is no longer wanted (best effort: never blocks, never overfills)."""
         note = {"jsonrpc": "2.0", "method": "notifications/cancelled",
                 "params": {"requestId": request_id, "reason": reason}}
-        if not self.mailbox.full() and self.ended is None:
-            self.mailbox.put_nowait(note)
+        if self.mailbox.room and self.ended is None:
+            self.mailbox.put(note)
 
     def _repeated_initialized(self, message: Message) -> bool:
         """The upstream hears notifications/initialized once, however many clients share a named session."""
@@ -208,10 +209,9 @@ class SessionActor:
                     stream.delivered = max(stream.delivered, seq)  # the reader came back: it was written
                 if (stream.finished or self._closing) and seq >= stream.last_seq:
                     return
-                changed = self._changed
                 try:
                     async with asyncio.timeout(keepalive):
-                        await changed.wait()
+                        await self._changed.wait()
                 except TimeoutError:
                     yield None
         finally:
@@ -286,10 +286,8 @@ class SessionActor:
         self._notify()
 
     def _notify(self) -> None:
-        """Wake every reader. The event is replaced, never left set: a reader that waits on a set
-        event would not wait at all, and would spin."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Wake every reader; each looks for what is new to it, and waits again."""
+        self._changed.notify()
 
     def _release(self, request_id: RequestId) -> None:
         """Forget a request: it is answered, or nobody waits for it any more."""

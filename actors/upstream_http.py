@@ -24,6 +24,7 @@ import orjson
 from actors.mcp import SESSION_HEADER, VERSION_HEADER, RequestId, error_response
 from actors.sse import Parser
 from actors.upstream import Inbound
+from actors.waiting import Inbox, Latch
 from tether.errors import INTERNAL_ERROR, UpstreamError
 from tether.tasks import TaskSet
 
@@ -51,7 +52,7 @@ class _HttpUpstream:
         self.url = url
         self._max = max_message_bytes
         self._request_timeout = request_timeout
-        self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self._inbox: Inbox[Inbound | None] = Inbox()
         self._tasks = TaskSet(f"upstream-{url}")
 
     @property
@@ -63,12 +64,12 @@ class _HttpUpstream:
 
     def _gone(self, why: str) -> None:
         log.warning("upstream.gone", extra={"detail": f"{self.url}: {why}"})
-        self._inbox.put_nowait(None)
+        self._inbox.put(None)
 
     def _fail(self, message: Mapping[str, Any], why: str) -> None:
         """A request the server will never answer gets an error answer, so the client is not left waiting."""
         if "method" in message and "id" in message:
-            self._inbox.put_nowait((error_response(message["id"], INTERNAL_ERROR, why), message["id"]))
+            self._inbox.put((error_response(message["id"], INTERNAL_ERROR, why), message["id"]))
         else:
             log.warning("upstream.message_refused", extra={"detail": f"{self.url}: {why}"})
 
@@ -89,7 +90,7 @@ class _HttpUpstream:
                     log.warning("upstream.not_json", extra={"detail": found.data[:200]})
                     continue
                 self._seen(message)
-                self._inbox.put_nowait((message, related))
+                self._inbox.put((message, related))
                 if until is not None and isinstance(message, dict) and "method" not in message \
                         and message.get("id") == until:
                     return True
@@ -110,7 +111,7 @@ class StreamableHttpUpstream(_HttpUpstream):
         super().__init__(client, url, max_message_bytes=max_message_bytes, request_timeout=request_timeout)
         self.session_id: str | None = None
         self.version: str | None = None
-        self._initialized = asyncio.Event()  # the session is open: the GET stream may start
+        self._initialized = Latch()  # the session is open: the GET stream may start
 
     def describe(self) -> str:
         return f"{self.url} session {self.session_id or '(none yet)'}"
@@ -167,7 +168,7 @@ class StreamableHttpUpstream(_HttpUpstream):
             self._fail(message, "Upstream answered with a body that is not JSON")
             return
         self._seen(answer)
-        self._inbox.put_nowait((answer, request_id))
+        self._inbox.put((answer, request_id))
 
     def _seen(self, answer: object) -> None:
         """The initialize answer names the revision every later request must carry."""
@@ -195,7 +196,7 @@ class StreamableHttpUpstream(_HttpUpstream):
                     if again.status == 200 and await self._events(again, parser, request_id, until=request_id):
                         return
         if request_id is not None:
-            self._inbox.put_nowait((error_response(request_id, INTERNAL_ERROR,
+            self._inbox.put((error_response(request_id, INTERNAL_ERROR,
                                                    "Upstream stream ended before the answer"), request_id))
 
     async def background(self) -> None:
@@ -272,7 +273,7 @@ class SseUpstream(_HttpUpstream):
             self._endpoint.set_result(urljoin(self.url, data.strip()))
         elif name == "message" and data:
             try:
-                self._inbox.put_nowait((orjson.loads(data), None))
+                self._inbox.put((orjson.loads(data), None))
             except orjson.JSONDecodeError:
                 log.warning("upstream.not_json", extra={"detail": data[:200]})
 

@@ -1,0 +1,109 @@
+"""Light waiting primitives for what a node holds per session, by the thousand.
+
+An `asyncio.Queue` costs about 3.3 KB and an `asyncio.Event` about 0.9 KB even
+when nothing waits on them (each holds deques, which allocate a block at
+once). A node holds several per session, so they were a third of an idle
+session's memory. These hold a list or a future only while something is
+queued or waiting, and serve the one pattern each is used for here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Inbox(Generic[T]):
+    """A FIFO with one reader. `put` never blocks: a caller that must bound it checks `room` first."""
+
+    __slots__ = ("maxsize", "_items", "_head", "_waiter")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self.maxsize = maxsize  # 0: unbounded
+        self._items: list[T] = []
+        self._head = 0  # items before it have been taken; the list is cleared when all are
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    @property
+    def room(self) -> int | None:
+        """How many more items fit, or None without a bound."""
+        return None if not self.maxsize else self.maxsize - len(self)
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> T:
+        while self._head == len(self._items):
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items[self._head]
+        self._head += 1
+        if self._head == len(self._items):
+            self._items.clear()
+            self._head = 0
+        return item
+
+
+class Broadcast:
+    """Wakes every waiter at once; costs a slot while no one waits. A waiter that wakes checks what it
+    waits for and waits again: nothing is remembered between `notify` calls."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done() or waiter.cancelled():  # left early: it must not be kept until the next notify
+                waiters = self._waiters
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Latch:
+    """Set once, for good; `wait` returns at once after that."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._waiter)  # shared by every waiter: one leaving must not cancel it

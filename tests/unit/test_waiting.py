@@ -1,0 +1,89 @@
+"""The per-session waiting primitives: order, wake-ups, and waiters that leave early."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import pytest
+
+from actors.waiting import Broadcast, Inbox, Latch
+from tether.tasks import TaskSet
+
+
+@pytest.fixture
+async def tasks() -> AsyncIterator[TaskSet]:
+    tasks = TaskSet("test-waiting")
+    yield tasks
+    await tasks.close(timeout=1.0)
+
+
+async def test_an_inbox_hands_items_over_in_order_and_wakes_its_reader(tasks: TaskSet) -> None:
+    inbox: Inbox[int] = Inbox(3)
+    reader = tasks.spawn(inbox.get(), "waiter")
+    await asyncio.sleep(0)
+    assert not reader.done()  # nothing queued: it waits
+    inbox.put(1)
+    assert await asyncio.wait_for(reader, 1) == 1
+    for item in (2, 3, 4):
+        inbox.put(item)
+    assert (len(inbox), inbox.room) == (3, 0)
+    assert [await inbox.get() for _ in range(3)] == [2, 3, 4]
+    assert (len(inbox), inbox.room) == (0, 3)
+    assert Inbox().room is None
+
+
+async def test_a_reader_cancelled_while_waiting_loses_nothing(tasks: TaskSet) -> None:
+    inbox: Inbox[str] = Inbox()
+    reader = tasks.spawn(inbox.get(), "waiter")
+    await asyncio.sleep(0)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    inbox.put("kept")
+    assert await asyncio.wait_for(inbox.get(), 1) == "kept"
+
+
+async def test_a_broadcast_wakes_every_waiter_and_forgets_those_that_left(tasks: TaskSet) -> None:
+    changes = Broadcast()
+    waiters = [tasks.spawn(changes.wait(), "waiter") for _ in range(3)]
+    leaving = tasks.spawn(changes.wait(), "waiter")
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    assert changes._waiters is not None and len(changes._waiters) == 3  # the one that left is gone
+    changes.notify()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    assert changes._waiters is None
+    late = tasks.spawn(changes.wait(), "waiter")  # a notify is not remembered: a later waiter waits
+    await asyncio.sleep(0)
+    assert not late.done()
+    changes.notify()
+    await asyncio.wait_for(late, 1)
+
+
+async def test_a_latch_stays_set_and_one_waiter_leaving_does_not_cancel_the_others(tasks: TaskSet) -> None:
+    latch = Latch()
+    staying = tasks.spawn(latch.wait(), "waiter")
+    leaving = tasks.spawn(latch.wait(), "waiter")
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    latch.set()
+    await asyncio.wait_for(staying, 1)
+    assert latch.is_set()
+    await asyncio.wait_for(latch.wait(), 1)
+
+
+async def test_idle_primitives_cost_a_fraction_of_asyncio_queue_and_event() -> None:
+    def size(make: object) -> float:
+        tracemalloc.start()
+        try:
+            kept = [make() for _ in range(1000)]  # type: ignore[operator]
+            return tracemalloc.get_traced_memory()[0] / len(kept)
+        finally:
+            tracemalloc.stop()
+
+    assert size(Inbox) * 4 < size(asyncio.Queue)
+    assert size(Broadcast) * 4 < size(asyncio.Event)
+    assert size(Latch) * 4 < size(asyncio.Event)
