@@ -14,9 +14,8 @@ import secrets
 import time
 from collections.abc import Callable
 
-import aiohttp
-
 from actors.events import StreamLog
+from actors.http_client import HttpClient
 from actors.ids import is_named
 from actors.lease import NodeLease, reap_idle
 from actors.mcp import Message
@@ -63,7 +62,7 @@ class Node:
         self.process_limits = ProcessLimits(config.upstream_max_memory, config.upstream_max_cpu,
                                             config.upstream_max_files)
         self.process_limits.check()
-        self._http: aiohttp.ClientSession | None = None  # shared by every session's HTTP upstream
+        self._http: HttpClient | None = None  # shared by every session's HTTP upstream
         self._tasks = TaskSet(f"node-{node_id}")  # session ends
         self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
         self._ending: dict[SessionActor, asyncio.Task[None]] = {}  # by actor: a name may live again
@@ -164,8 +163,7 @@ class Node:
         config = self.config
         if config.upstream_url:
             if self._http is None:
-                self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                   auto_decompress=False, skip_auto_headers=("User-Agent",))
+                self._http = HttpClient()
             kind = SseUpstream if transport_for(config.upstream_url, config.upstream_transport) == "sse" \
                 else StreamableHttpUpstream
             return kind(self._http, config.upstream_url, max_message_bytes=config.max_message_bytes,

@@ -6,7 +6,8 @@ to the client), the server's GET stream is held open for the session's whole
 life and resumed with `Last-Event-ID` when it drops, and ending the session
 sends DELETE. Messages the server sends on a request's own stream are
 reported as belonging to that request, so the actor keeps them on the
-client's stream for it. All sessions of a node share one pooled HTTP client.
+client's stream for it. All sessions of a node share one pooled HTTP client
+(`actors.http_client`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urljoin
 
-import aiohttp
 import orjson
 
+from actors.http_client import HttpClient, HttpClientError, Response
 from actors.mcp import SESSION_HEADER, VERSION_HEADER, RequestId, error_response
 from actors.sse import Parser
 from actors.upstream import Inbound
@@ -31,6 +32,7 @@ from tether.tasks import TaskSet
 log = logging.getLogger("tether.node")
 
 ACCEPT_BOTH = "application/json, text/event-stream"
+_SESSION = SESSION_HEADER.lower()  # the client's header names are in lower case
 RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # between tries to get a dropped stream back
 MAX_RECONNECTS = 8  # tries in a row before the server counts as gone
 
@@ -46,7 +48,7 @@ def transport_for(url: str, setting: str) -> str:
 class _HttpUpstream:
     """What both HTTP upstreams share: the inbox the actor reads, the tasks, the pooled client."""
 
-    def __init__(self, client: aiohttp.ClientSession, url: str, *, max_message_bytes: int,
+    def __init__(self, client: HttpClient, url: str, *, max_message_bytes: int,
                  request_timeout: float) -> None:
         self._client = client
         self.url = url
@@ -73,10 +75,10 @@ class _HttpUpstream:
         else:
             log.warning("upstream.message_refused", extra={"detail": f"{self.url}: {why}"})
 
-    async def _events(self, resp: aiohttp.ClientResponse, parser: Parser,
+    async def _events(self, resp: Response, parser: Parser,
                       related: RequestId | None, until: RequestId | None = None) -> bool:
         """Read an SSE body into the inbox. True once the answer to `until` has come (the stream is done)."""
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.chunks():
             try:
                 events = parser.feed(chunk)
             except ValueError as exc:
@@ -99,14 +101,11 @@ class _HttpUpstream:
     def _seen(self, message: object) -> None:
         """A hook for what a transport learns from the messages it passes on."""
 
-    def _timeout(self, read: float | None = None) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=read)
-
 
 class StreamableHttpUpstream(_HttpUpstream):
     """A session on a Streamable HTTP server (2025-03-26 and later)."""
 
-    def __init__(self, client: aiohttp.ClientSession, url: str, *, max_message_bytes: int,
+    def __init__(self, client: HttpClient, url: str, *, max_message_bytes: int,
                  request_timeout: float) -> None:
         super().__init__(client, url, max_message_bytes=max_message_bytes, request_timeout=request_timeout)
         self.session_id: str | None = None
@@ -138,32 +137,36 @@ class StreamableHttpUpstream(_HttpUpstream):
         request_id = message.get("id") if "method" in message else None
         headers = {**self._headers(), "Content-Type": "application/json"}
         try:
-            async with self._client.post(self.url, data=orjson.dumps(message), headers=headers,
-                                         timeout=self._timeout(self._request_timeout + 5.0)) as resp:
+            async with await self._client.request("POST", self.url, body=orjson.dumps(message), headers=headers,
+                                                  read_timeout=self._request_timeout + 5.0) as resp:
                 if message.get("method") == "initialize" and resp.status == 200:
-                    self.session_id = resp.headers.get(SESSION_HEADER)
+                    self.session_id = resp.headers.get(_SESSION)
                 await self._answer(message, request_id, resp)
-        except (aiohttp.ClientError, TimeoutError, UpstreamError, ValueError) as exc:
+        except (HttpClientError, TimeoutError, UpstreamError, ValueError) as exc:
             if message.get("method") == "initialize":
                 raise UpstreamError(f"Cannot open a session on upstream {self.url}: {exc!r}") from exc
             self._fail(message, f"Upstream {self.url} failed: {exc!r}")
 
     async def _answer(self, message: Mapping[str, Any], request_id: RequestId | None,
-                      resp: aiohttp.ClientResponse) -> None:
+                      resp: Response) -> None:
         if resp.status == 404 and self.session_id:
             self._gone("the server no longer knows this session (404)")
             return
         if resp.status == 202 or (resp.status == 200 and request_id is None):
             return
         if resp.status != 200:
-            body = (await resp.content.read(300)).decode(errors="replace")
-            self._fail(message, f"Upstream answered HTTP {resp.status}: {body}")
+            text = (await resp.read(300)).decode(errors="replace")
+            self._fail(message, f"Upstream answered HTTP {resp.status}: {text}")
             return
         if resp.content_type == "text/event-stream":
             await self._stream_answer(resp, request_id)
             return
+        body = await resp.read(self._max + 1)
+        if len(body) > self._max:
+            self._fail(message, f"Upstream answered with more than max_message_bytes ({self._max})")
+            return
         try:
-            answer = orjson.loads(await resp.read())
+            answer = orjson.loads(body)
         except orjson.JSONDecodeError:
             self._fail(message, "Upstream answered with a body that is not JSON")
             return
@@ -177,22 +180,22 @@ class StreamableHttpUpstream(_HttpUpstream):
             if isinstance(version, str):
                 self.version = version
 
-    async def _stream_answer(self, resp: aiohttp.ClientResponse, request_id: RequestId | None) -> None:
+    async def _stream_answer(self, resp: Response, request_id: RequestId | None) -> None:
         """Read a POST's SSE answer; if it drops before the answer, resume it with GET and Last-Event-ID."""
         parser = Parser(self._max)
         try:
             if await self._events(resp, parser, request_id, until=request_id):
                 return
-        except (aiohttp.ClientError, TimeoutError):
+        except (HttpClientError, TimeoutError):
             pass
         for delay in RECONNECT_DELAYS:
             if parser.last_id is None:
                 break  # the server gave no ids: nothing to resume from
             await asyncio.sleep(delay)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self._client.get(self.url, headers={**self._headers("text/event-stream"),
-                                                               "Last-Event-ID": parser.last_id},
-                                            timeout=self._timeout(self._request_timeout + 5.0)) as again:
+            with contextlib.suppress(HttpClientError, TimeoutError):
+                async with await self._client.request("GET", self.url, headers={
+                        **self._headers("text/event-stream"), "Last-Event-ID": parser.last_id},
+                        read_timeout=self._request_timeout + 5.0) as again:
                     if again.status == 200 and await self._events(again, parser, request_id, until=request_id):
                         return
         if request_id is not None:
@@ -210,7 +213,7 @@ class StreamableHttpUpstream(_HttpUpstream):
                 headers["Last-Event-ID"] = parser.last_id
             seen = parser.dispatched
             try:
-                async with self._client.get(self.url, headers=headers, timeout=self._timeout()) as resp:
+                async with await self._client.request("GET", self.url, headers=headers) as resp:
                     if resp.status == 404:
                         self._gone("the server no longer knows this session (404 on GET)")
                         return
@@ -219,7 +222,7 @@ class StreamableHttpUpstream(_HttpUpstream):
                         return  # the session goes on without the server's GET stream
                     if resp.status == 200:
                         await self._events(resp, parser, None)
-            except (aiohttp.ClientError, TimeoutError, UpstreamError) as exc:
+            except (HttpClientError, TimeoutError, UpstreamError) as exc:
                 log.info("upstream.stream_dropped", extra={"detail": f"{self.url}: {exc!r}"})
             if parser.dispatched > seen:
                 failures = 0  # it carried events: a drop after a working stream starts the count again
@@ -234,17 +237,17 @@ class StreamableHttpUpstream(_HttpUpstream):
         if not self.session_id:
             return "no upstream session"
         try:
-            async with self._client.delete(self.url, headers=self._headers(),
-                                           timeout=aiohttp.ClientTimeout(total=grace)) as resp:
-                return f"upstream DELETE answered {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(grace):
+                async with await self._client.request("DELETE", self.url, headers=self._headers()) as resp:
+                    return f"upstream DELETE answered {resp.status}"
+        except (HttpClientError, TimeoutError) as exc:
             return f"upstream DELETE failed: {exc!r}"
 
 
 class SseUpstream(_HttpUpstream):
     """A session on an HTTP+SSE server (2024-11-05): a GET stream, and POSTs to the URI it names."""
 
-    def __init__(self, client: aiohttp.ClientSession, url: str, *, max_message_bytes: int,
+    def __init__(self, client: HttpClient, url: str, *, max_message_bytes: int,
                  request_timeout: float) -> None:
         super().__init__(client, url, max_message_bytes=max_message_bytes, request_timeout=request_timeout)
         self._endpoint: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -256,14 +259,13 @@ class SseUpstream(_HttpUpstream):
         """The session's stream: the endpoint event first, then the server's messages until it ends."""
         parser = Parser(self._max)
         try:
-            async with self._client.get(self.url, headers={"Accept": "text/event-stream"},
-                                        timeout=self._timeout()) as resp:
+            async with await self._client.request("GET", self.url, headers={"Accept": "text/event-stream"}) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"Upstream {self.url} answered HTTP {resp.status} to the stream GET")
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.chunks():
                     for found in parser.feed(chunk):
                         self._on_event(found.name, found.data)
-        except (aiohttp.ClientError, TimeoutError, UpstreamError, ValueError) as exc:
+        except (HttpClientError, TimeoutError, UpstreamError, ValueError) as exc:
             self._gone(f"its stream failed: {exc!r}")
             return
         self._gone("its stream ended (HTTP+SSE sessions cannot be resumed)")
@@ -284,15 +286,15 @@ class SseUpstream(_HttpUpstream):
         except TimeoutError:
             raise UpstreamError(f"Upstream {self.url} sent no endpoint event") from None
         try:
-            async with self._client.post(endpoint, data=orjson.dumps(message),
-                                         headers={"Content-Type": "application/json"},
-                                         timeout=self._timeout(self._request_timeout)) as resp:
+            async with await self._client.request("POST", endpoint, body=orjson.dumps(message),
+                                                  headers={"Content-Type": "application/json"},
+                                                  read_timeout=self._request_timeout) as resp:
                 if resp.status == 404:
                     self._gone("the server no longer knows this session (404)")
                 elif resp.status >= 300:
-                    body = (await resp.content.read(300)).decode(errors="replace")
+                    body = (await resp.read(300)).decode(errors="replace")
                     self._fail(message, f"Upstream answered HTTP {resp.status}: {body}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (HttpClientError, TimeoutError) as exc:
             self._fail(message, f"Upstream {self.url} cannot be reached: {exc!r}")
 
     async def stop(self, grace: float) -> str:

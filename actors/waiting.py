@@ -107,3 +107,60 @@ class Latch:
         if self._waiter is None:
             self._waiter = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._waiter)  # shared by every waiter: one leaving must not cancel it
+
+
+class Arrivals:
+    """The body of one answer as its connection hands it over, for one reader: the pieces that came
+    and have not been taken, whether the last has come, and what broke it. The connection calls
+    `_add`, `_finish` and `_fail`; the reader `take`s and `_wait`s."""
+
+    __slots__ = ("_chunks", "_size", "_done", "_error", "_waiter")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0  # bytes waiting to be taken
+        self._done = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def take(self) -> bytes:
+        """Everything that has arrived and not been taken, joined (b"" if nothing has)."""
+        chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return chunk
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for the next piece, the end or a failure; False if `timeout` passed first. Raises the
+        failure once what came before it has been taken."""
+        if self._error is not None and not self._chunks:
+            raise self._error
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        except TimeoutError:
+            return False
+        finally:
+            self._waiter = None
+        if self._error is not None and not self._chunks:
+            raise self._error
+        return True
+
+    def _add(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        if not self._done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

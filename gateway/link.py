@@ -26,6 +26,7 @@ from aiohttp import WSMsgType
 from actors import mux
 from actors.internal import SECRET_HEADER
 from actors.store.base import NodeRecord
+from actors.waiting import Arrivals
 from tether.errors import Overloaded, UpstreamTimeout
 from tether.tasks import TaskSet
 
@@ -37,7 +38,7 @@ class LinkLost(Exception):
     client read so slowly that the gateway stopped buffering for it."""
 
 
-class LinkResponse:
+class LinkResponse(Arrivals):
     """A node's answer to one exchange: its status and headers, then its body as it arrives.
 
     Reads wait at most `read_timeout` for each piece (None: as long as the
@@ -47,20 +48,15 @@ class LinkResponse:
 
     status: int
     headers: dict[str, str]
-    __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout", "_chunks", "_size", "_fin", "_error",
-                 "_waiter")
+    __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout")
 
     def __init__(self, conn: _Connection, xid: int, read_timeout: float | None) -> None:
+        super().__init__()
         self.status = 0
         self.headers = {}
         self._conn = conn
         self._xid = xid
         self._read_timeout = read_timeout
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._fin = False
-        self._error: Exception | None = None
-        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def content_type(self) -> str:
@@ -69,12 +65,12 @@ class LinkResponse:
     @property
     def complete(self) -> bool:
         """True once the whole answer has arrived (it may not have been read yet)."""
-        return self._fin
+        return self._done
 
     @property
     def at_eof(self) -> bool:
         """True once the whole answer has arrived and been read."""
-        return self._fin and not self._chunks
+        return self._done and not self._chunks
 
     async def chunks(self, idle: float | None = None) -> AsyncIterator[bytes]:
         """The body as it comes: whatever has arrived since the last piece, joined. With `idle`, an empty
@@ -84,12 +80,9 @@ class LinkResponse:
         silent_until: float | None = None  # when the node's silence becomes a timeout
         while True:
             if self._chunks:
-                chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-                self._chunks.clear()
-                self._size = 0
                 silent_until = None
-                yield chunk
-            elif self._fin:
+                yield self.take()
+            elif self._done:
                 return
             else:
                 if silent_until is None and self._read_timeout is not None:
@@ -121,44 +114,23 @@ class LinkResponse:
             if not await self._wait(self._read_timeout):
                 raise TimeoutError
 
-    async def _wait(self, timeout: float | None) -> bool:
-        """Wait for the node's next frame; False if `timeout` passed first. Raises the exchange's failure."""
-        if self._error is not None:
-            raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
-        except TimeoutError:
-            return False
-        finally:
-            self._waiter = None
-        if self._error is not None and not self._chunks:
-            raise self._error
-        return True
-
     def _feed(self, frame: mux.Frame, limit: int) -> None:
         if frame.kind == mux.RESPONSE:
             self.status, self.headers = frame.head
-        if frame.body:
-            self._chunks.append(frame.body)
-            self._size += len(frame.body)
         if frame.fin:
-            self._fin = True
             self._conn.exchanges.pop(self._xid, None)
-        elif self._size > limit:
+            if frame.body:
+                self._chunks.append(frame.body)
+            self._finish()
+            return
+        if frame.body:
+            self._add(frame.body)
+        if self._size > limit:
             self.close()
             self._fail(LinkLost(f"the client read slower than its stream came: {self._size} bytes were "
                                 f"waiting, over stream_buffer_bytes ({limit})"))
-        self._wake()
-
-    def _fail(self, error: Exception) -> None:
-        self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        elif not frame.body:
+            self._wake()  # a head without a body yet
 
 
 class _Connection:
