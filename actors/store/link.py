@@ -12,10 +12,10 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
+from actors.http_client import HttpClient, HttpClientError
 from actors.internal import SECRET_HEADER, STORE_PATH, authorized
 from actors.store.base import QUOTA_RETRY, Membership, NodeRecord, OwnershipRecord, Quota, Store
 from tether.errors import LeaseLost, OwnershipConflict, QuotaExceeded, StoreError
@@ -105,22 +105,23 @@ class StoreLink:
     def __init__(self, base_url: str, secret: str, timeout: float = 5.0) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {SECRET_HEADER: secret, "Content-Type": "application/json"}
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._timeout = timeout
+        # By kind of call (lease or not): a client, and the calls it may have on connections at once.
+        self._clients = {lease: HttpClient(connect_timeout=timeout) for lease in (False, True)}
+        self._slots = {False: asyncio.Semaphore(STORE_CONNECTIONS), True: asyncio.Semaphore(2)}
 
     def __repr__(self) -> str:
         return f"StoreLink({self._base!r})"
 
     async def _call(self, op: str, body: dict[str, Any]) -> Any:
         lease = op in LEASE_OPS
-        if (session := self._sessions.get(lease)) is None:
-            connector = aiohttp.TCPConnector(limit=2 if lease else STORE_CONNECTIONS)
-            session = self._sessions[lease] = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         try:
-            async with session.post(f"{self._base}/{op}", data=orjson.dumps(body),
-                                          headers=self._headers) as resp:
-                payload = orjson.loads(await resp.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            async with self._slots[lease]:
+                async with await self._clients[lease].request(
+                        "POST", f"{self._base}/{op}", body=orjson.dumps(body), headers=self._headers,
+                        read_timeout=self._timeout) as resp:
+                    payload = orjson.loads(await resp.read())
+        except (HttpClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             raise StoreError(f"Cannot reach the store at {self._base}: {exc!r}") from exc
         if resp.status == 409:
             error = LeaseLost if payload.get("kind") == "lease_lost" else OwnershipConflict
@@ -163,6 +164,5 @@ class StoreLink:
         return bool(await self._call("reassert", {"record": record.to_dict()}))
 
     async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
+        for client in self._clients.values():
+            await client.close()
