@@ -121,7 +121,7 @@ class Arrivals:
         self._size = 0  # bytes waiting to be taken
         self._done = False
         self._error: Exception | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None  # True: something came; False: the timer ran out
 
     def take(self) -> bytes:
         """Everything that has arrived and not been taken, joined (b"" if nothing has)."""
@@ -132,20 +132,26 @@ class Arrivals:
 
     async def _wait(self, timeout: float | None) -> bool:
         """Wait for the next piece, the end or a failure; False if `timeout` passed first. Raises the
-        failure once what came before it has been taken."""
+        failure once what came before it has been taken.
+
+        The timeout is a plain timer that answers the waiter, not `asyncio.timeout`: an idle stream
+        times out every keep-alive interval, and cancelling a task each time costs several times more.
+        """
         if self._error is not None and not self._chunks:
             raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = None if timeout is None else loop.call_later(timeout, _answer, waiter, False)
         try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
-        except TimeoutError:
-            return False
+            arrived = await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
         if self._error is not None and not self._chunks:
             raise self._error
-        return True
+        return arrived
 
     def _add(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -162,5 +168,10 @@ class Arrivals:
             self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._waiter is not None:
+            _answer(self._waiter, True)
+
+
+def _answer(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
