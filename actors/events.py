@@ -23,6 +23,17 @@ from typing import Any
 from tether.errors import BadRequest, CursorExpired
 
 Event = tuple[int, dict[str, Any]]  # (seq, message)
+# Shared by every stream and log that has held nothing yet (a deque allocates a block at once, and
+# most streams of idle sessions never get an event); never appended to: `_push` replaces it first.
+_EMPTY: deque[Any] = deque(maxlen=0)
+
+
+def _push(queue: deque[Any], item: Any) -> deque[Any]:
+    """`queue` with `item` appended: a new deque in place of the shared empty one."""
+    if queue is _EMPTY:
+        queue = deque()
+    queue.append(item)
+    return queue
 
 
 @dataclass(frozen=True, order=True)
@@ -48,10 +59,12 @@ class EventId:
 class StreamLog:
     """One stream's events that are still in the log, and how far it has got."""
 
+    __slots__ = ("stream", "logged", "events", "last_seq", "evicted_through", "delivered", "finished", "reader")
+
     def __init__(self, stream: int, *, logged: bool) -> None:
         self.stream = stream
         self.logged = logged  # False for a JSON answer: never replayed, so never counted against the bound
-        self.events: deque[Event] = deque()
+        self.events: deque[Event] = _EMPTY
         self.last_seq = 0  # the newest event's seq
         self.evicted_through = 0  # the newest seq the bound pushed out
         self.delivered = 0  # the newest seq handed to a reader (what a plain GET resumes after)
@@ -79,13 +92,15 @@ class StreamLog:
 class EventLog:
     """The streams of one session and the newest `limit` events across them."""
 
+    __slots__ = ("limit", "streams", "_next_stream", "_order", "size", "lost")
+
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"an event log holds at least 1 event, got {limit}")
         self.limit = limit
         self.streams: dict[int, StreamLog] = {}
         self._next_stream = 1  # 0 is the GET stream, opened on demand
-        self._order: deque[StreamLog] = deque()  # which stream each kept event belongs to, oldest first
+        self._order: deque[StreamLog] = _EMPTY  # which stream each kept event belongs to, oldest first
         self.size = 0
         self.lost = 0  # events the bound pushed out before any reader had them
 
@@ -109,9 +124,9 @@ class EventLog:
     def append(self, stream: StreamLog, message: dict[str, Any]) -> EventId:
         """Add an event to `stream` and return its id; the oldest logged events go past the bound."""
         stream.last_seq += 1
-        stream.events.append((stream.last_seq, message))
+        stream.events = _push(stream.events, (stream.last_seq, message))
         if stream.logged:
-            self._order.append(stream)
+            self._order = _push(self._order, stream)
             self.size += 1
             while self.size > self.limit:
                 self._evict()

@@ -230,7 +230,8 @@ class Node:
         if "error" in answer:  # the server answered, and refused
             await self.end(sid, "start_failed")
             return None, answer
-        actor.initialize_answer = answer
+        if is_named(sid):  # only a named session is joined by other clients, who get the same answer
+            actor.initialize_answer = answer
         self.metrics.upstream_start_seconds.observe(self.clock() - started)
         self.metrics.sessions_started.inc()
         return actor, answer

@@ -78,7 +78,7 @@ class SessionActor:
         self.channel = False  # a WebSocket or HTTP+SSE session: every message goes on stream 0
         self.principal = ""  # the tag of the principal that created it; "" without authentication
         self.ended: str | None = None  # the reason, once ending has begun
-        self.initialize_answer: Message | None = None  # what the upstream answered; named sessions reuse it
+        self.initialize_answer: Message | None = None  # a named session's: clients that join it get it too
         self._timers: dict[RequestId, asyncio.TimerHandle] = {}
         self._changed = Broadcast()  # notified whenever any stream gets an event
         self._initialized_sent = False
