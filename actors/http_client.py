@@ -30,7 +30,7 @@ from actors.waiting import Arrivals
 
 IDLE_REUSE = 4.0  # seconds an idle connection is kept for reuse
 HIGH_WATER = 256 * 1024  # body bytes buffered before the connection stops reading
-MAX_IDLE = 64  # idle connections kept per origin
+MAX_IDLE = 1024  # idle connections kept per origin (each also ends after IDLE_REUSE, or when the server closes it)
 
 
 class HttpClientError(Exception):
@@ -118,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._header_name = ""
         self._framed = False  # the answer says where its body ends (a length, or chunks)
+        self._interim = False  # the head being read is a 1xx, not the answer
         self._keep = False
         self._paused = False
         self.closed = False
@@ -162,7 +163,12 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self._response is not None
-        self._response.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status < 200:  # an interim answer (103 Early Hints): the answer itself follows
+            self._interim, self._framed = True, False
+            self._response.headers.clear()
+            return
+        self._response.status = status
         self._response._wake()  # the head has come
 
     def on_body(self, body: bytes) -> None:
@@ -171,7 +177,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         resp = self._response
-        if resp is None:
+        if resp is None or self._interim:
+            self._interim = False
             return
         self._framed = True  # 204 and 304 end without either header
         self._keep = self._parser.should_keep_alive()

@@ -137,6 +137,14 @@ async def test_a_body_that_runs_to_the_close_ends_with_it_and_a_truncated_one_fa
             await resp.read()
 
 
+async def test_an_interim_answer_is_skipped_for_the_answer_after_it(client: HttpClient) -> None:
+    server, url = await _raw_server(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with server, await client.request("GET", url, read_timeout=5) as resp:
+        assert (resp.status, await resp.read()) == (200, b"ok")
+        assert "link" not in resp.headers
+
+
 async def test_what_it_cannot_do_is_an_error_that_says_why(client: HttpClient,
                                                             app_url: tuple[str, list[int]]) -> None:
     server, url = await _raw_server(b"NOT HTTP AT ALL\r\n\r\n")
