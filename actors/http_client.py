@@ -116,7 +116,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._response: Response | None = None
-        self._header_name = ""
         self._framed = False  # the answer says where its body ends (a length, or chunks)
         self._interim = False  # the head being read is a 1xx, not the answer
         self._keep = False
