@@ -7,6 +7,7 @@ header or a JWT that a message or an exception text carries.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -33,6 +34,7 @@ def redact(text: str) -> str:
     return _SECRETS.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
 
 
+@functools.lru_cache(maxsize=16384)  # a node names each exchange's task by it: a sha256 per request
 def sid_tag(sid: str) -> str:
     """A short, stable, non-reversible tag for logging a session id."""
     return hashlib.sha256(sid.encode()).hexdigest()[:12]
