@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from actors.internal import authorized
+from actors.internal import INTERNAL_PREFIX, authorized
 from actors.mcp import error_response
 from tether.errors import INVALID_REQUEST, ConfigError, TetherError
 
@@ -45,7 +45,7 @@ async def tether_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def internal_only(secret: str,
-                  prefixes: tuple[str, ...] = ("/_tether/",)) -> Callable[..., Awaitable[web.StreamResponse]]:
+                  prefixes: tuple[str, ...] = (INTERNAL_PREFIX,)) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Middleware: paths under any of `prefixes` need the internal secret (401 otherwise)."""
 
     @web.middleware

@@ -18,7 +18,8 @@ DECLINED_HEADER = "X-Tether-Declined"
 PRINCIPAL_HEADER = "X-Tether-Principal"
 QUOTA_HEADER = "X-Tether-Quota"  # on a create: whose session quota it counts against (a tag)
 
-STORE_PATH = "/_tether/store"
+INTERNAL_PREFIX = "/_tether/"  # every path under it needs the secret
+STORE_PATH = INTERNAL_PREFIX + "store"
 
 
 def authorized(headers: Mapping[str, str], secret: str) -> bool:

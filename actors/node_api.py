@@ -30,6 +30,7 @@ from actors.internal import (
     DECLINED_HEADER,
     EPOCH_HEADER,
     INCARNATION_HEADER,
+    INTERNAL_PREFIX,
     NODE_HEADER,
     PRINCIPAL_HEADER,
     QUOTA_HEADER,
@@ -370,7 +371,7 @@ def _drain_status(node: Node, status: int = 200) -> web.Response:
 
 
 def build_node_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[internal_only(node.config.internal_secret, ("/_tether/", "/admin/")),
+    app = web.Application(middlewares=[internal_only(node.config.internal_secret, (INTERNAL_PREFIX, "/admin/")),
                                        tether_errors],
                           client_max_size=node.config.max_body_bytes)
     app[TASKS_KEY] = TaskSet(f"node-{node.node_id}-admin")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 import orjson
 from aiohttp import web
 
-from actors.http import Handler, bind_socket, error_answer, health_routes, internal_only
+from actors.http import Handler, bind_socket, error_answer, health_routes
 from actors.ids import SessionIds
 from actors.internal import (
     BATCH_HEADER,
@@ -24,9 +24,11 @@ from actors.internal import (
     DECLINED_HEADER,
     EPOCH_HEADER,
     INCARNATION_HEADER,
+    INTERNAL_PREFIX,
     PRINCIPAL_HEADER,
     QUOTA_HEADER,
     RESPONSE_HEADER,
+    authorized,
 )
 from actors.mcp import MODERN_VERSIONS, SESSION_HEADER, VERSION_HEADER
 from actors.placement import Placement
@@ -405,9 +407,13 @@ async def handle_other(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admit, count and time every client request; map TetherErrors to their answers."""
+    """Admit, count and time every client request; map TetherErrors to their answers. Internal paths
+    (the embedded store's) need the internal secret: one middleware, not two, on every request."""
     started = time.monotonic()
     transport = TRANSPORTS.get(request.path)
+    if transport is None and request.path.startswith(INTERNAL_PREFIX) and \
+            not authorized(request.headers, request.app[GATEWAY_KEY].config.internal_secret):
+        return web.json_response({"error": "internal secret missing or wrong"}, status=401)
     try:
         if transport is not None:
             request[PRINCIPAL_KEY] = await request.app[GATEWAY_KEY].admit(request)
@@ -431,7 +437,7 @@ async def protected_resource(request: web.Request) -> web.Response:
 def build_gateway_app(gateway: Gateway, store: Store | None = None) -> web.Application:
     """The gateway app; with `store`, it also serves that store to nodes over the internal link."""
     config = gateway.config
-    app = web.Application(middlewares=[measured, internal_only(config.internal_secret)],
+    app = web.Application(middlewares=[measured],
                           client_max_size=config.max_body_bytes)
     app[GATEWAY_KEY] = gateway
     app.add_routes([web.post(MCP_PATH, handle_post), web.get(MCP_PATH, handle_get),
