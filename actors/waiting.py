@@ -13,6 +13,7 @@ import asyncio
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+COMPACT_AFTER = 32  # items taken from an inbox that is never empty before the list sheds them
 
 
 class Inbox(Generic[T]):
@@ -50,6 +51,10 @@ class Inbox(Generic[T]):
         self._head += 1
         if self._head == len(self._items):
             self._items.clear()
+            self._head = 0
+        elif self._head >= COMPACT_AFTER and 2 * self._head >= len(self._items):
+            # A reader that never quite catches up would otherwise keep every item it took.
+            del self._items[:self._head]
             self._head = 0
         return item
 

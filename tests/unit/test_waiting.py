@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from actors.waiting import Broadcast, Inbox, Latch
+from actors.waiting import COMPACT_AFTER, Broadcast, Inbox, Latch
 from tether.tasks import TaskSet
 
 
@@ -32,6 +32,16 @@ async def test_an_inbox_hands_items_over_in_order_and_wakes_its_reader(tasks: Ta
     assert [await inbox.get() for _ in range(3)] == [2, 3, 4]
     assert (len(inbox), inbox.room) == (0, 3)
     assert Inbox().room is None
+
+
+async def test_an_inbox_that_never_empties_does_not_keep_what_was_taken() -> None:
+    inbox: Inbox[int] = Inbox()
+    inbox.put(0)
+    for i in range(1, 10_000):  # a reader always one item behind: the inbox is never empty
+        inbox.put(i)
+        assert await inbox.get() == i - 1
+    assert len(inbox) == 1
+    assert len(inbox._items) <= 2 * COMPACT_AFTER, f"{len(inbox._items)} items kept for 1 waiting"
 
 
 async def test_a_reader_cancelled_while_waiting_loses_nothing(tasks: TaskSet) -> None:
