@@ -23,8 +23,10 @@ async def client() -> AsyncIterator[HttpClient]:
 
 @pytest.fixture
 async def app_url() -> AsyncIterator[tuple[str, list[int]]]:
-    """An aiohttp server; the list collects the client port of every request it serves."""
+    """An aiohttp server; the list collects the client port of every request it serves. Handlers
+    that must hold a request open wait for `done`, set when the test is over."""
     ports: list[int] = []
+    done = asyncio.Event()
 
     async def echo(request: web.Request) -> web.StreamResponse:
         ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
@@ -40,7 +42,7 @@ async def app_url() -> AsyncIterator[tuple[str, list[int]]]:
         for i in range(int(request.query.get("n", "3"))):
             await out.write(f"data: {i}\n\n".encode())
         if "open" in request.query:
-            await asyncio.sleep(30)  # a stream that does not end while its reader is there
+            await done.wait()  # a stream that does not end while its reader is there
         await out.write_eof()
         return out
 
@@ -53,7 +55,7 @@ async def app_url() -> AsyncIterator[tuple[str, list[int]]]:
         return out
 
     async def silent(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(30)
+        await done.wait()  # no answer while the test runs
         return web.Response()
 
     app = web.Application()
@@ -67,6 +69,7 @@ async def app_url() -> AsyncIterator[tuple[str, list[int]]]:
     await site.start()
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}", ports
+    done.set()
     await runner.cleanup()
 
 
