@@ -44,15 +44,21 @@ async def tether_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_answer(exc)
 
 
+def internal_refusal(request: web.Request, secret: str,
+                     prefixes: tuple[str, ...] = (INTERNAL_PREFIX,)) -> web.Response | None:
+    """The 401 for a request under any of `prefixes` without the internal secret; None if it may pass."""
+    if request.path.startswith(prefixes) and not authorized(request.headers, secret):
+        return web.json_response({"error": "internal secret missing or wrong"}, status=401)
+    return None
+
+
 def internal_only(secret: str,
                   prefixes: tuple[str, ...] = (INTERNAL_PREFIX,)) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Middleware: paths under any of `prefixes` need the internal secret (401 otherwise)."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(prefixes) and not authorized(request.headers, secret):
-            return web.json_response({"error": "internal secret missing or wrong"}, status=401)
-        return await handler(request)
+        return internal_refusal(request, secret, prefixes) or await handler(request)
 
     return check
 

@@ -26,7 +26,9 @@ from typing import Any
 
 import orjson
 
-LINK_PATH = "/_tether/link"  # under actors.internal.INTERNAL_PREFIX: it needs the secret
+from actors.internal import INTERNAL_PREFIX
+
+LINK_PATH = INTERNAL_PREFIX + "link"  # internal: it needs the secret
 HEARTBEAT = 10.0  # seconds between WebSocket pings on an idle link; no pong within half of it: the link is dead
 REQUEST, RESPONSE, DATA, CANCEL = 1, 2, 3, 4
 FIN = 0x80

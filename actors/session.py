@@ -68,7 +68,6 @@ class SessionActor:
         self.limits = limits
         self.lease = IdleLease(limits.idle_timeout, clock())
         self._clock = clock
-        self._readers = 0  # client streams attached now: a session someone reads is never idle
         self.mailbox: Inbox[Message] = Inbox(limits.mailbox_depth)
         self.log = EventLog(limits.event_log_size)
         self.pending: dict[RequestId, StreamLog] = {}
@@ -97,7 +96,7 @@ class SessionActor:
         """True while the upstream owes an answer or a client holds a stream open: a session in use is
         never idle. A stream stays attached only while its gateway gets keep-alives through to the
         client; when the client goes, the gateway cancels it, and the idle clock starts then."""
-        return bool(self.pending) or self._readers > 0
+        return bool(self.pending) or any(s.reader is not None for s in self.log.streams.values())
 
     def start(self) -> None:
         self._tasks.spawn(self._read_upstream(), "read")
@@ -200,7 +199,6 @@ class SessionActor:
             self._notify()  # wake the reader we replace, so it sees it is gone
         stream.reader = me
         seq = after
-        self._readers += 1
         try:
             while stream.reader is me:
                 for number, message in stream.after(seq):
@@ -215,10 +213,9 @@ class SessionActor:
                 except TimeoutError:
                     yield None
         finally:
-            self._readers -= 1
-            self.lease.touch(self._clock())  # the idle clock starts when the last reader leaves
             if stream.reader is me:
                 stream.reader = None
+            self.lease.touch(self._clock())  # the idle clock starts when the last reader leaves
 
     def forget(self, stream: StreamLog) -> None:
         """A JSON answer has been read, or its client has gone: nothing will resume it. Requests it

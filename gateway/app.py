@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 import orjson
 from aiohttp import web
 
-from actors.http import Handler, bind_socket, error_answer, health_routes
+from actors.http import Handler, bind_socket, error_answer, health_routes, internal_refusal
 from actors.ids import SessionIds
 from actors.internal import (
     BATCH_HEADER,
@@ -24,11 +24,9 @@ from actors.internal import (
     DECLINED_HEADER,
     EPOCH_HEADER,
     INCARNATION_HEADER,
-    INTERNAL_PREFIX,
     PRINCIPAL_HEADER,
     QUOTA_HEADER,
     RESPONSE_HEADER,
-    authorized,
 )
 from actors.mcp import MODERN_VERSIONS, SESSION_HEADER, VERSION_HEADER
 from actors.placement import Placement
@@ -411,9 +409,8 @@ async def measured(request: web.Request, handler: Handler) -> web.StreamResponse
     (the embedded store's) need the internal secret: one middleware, not two, on every request."""
     started = time.monotonic()
     transport = TRANSPORTS.get(request.path)
-    if transport is None and request.path.startswith(INTERNAL_PREFIX) and \
-            not authorized(request.headers, request.app[GATEWAY_KEY].config.internal_secret):
-        return web.json_response({"error": "internal secret missing or wrong"}, status=401)
+    if transport is None and (refused := internal_refusal(request, request.app[GATEWAY_KEY].config.internal_secret)):
+        return refused
     try:
         if transport is not None:
             request[PRINCIPAL_KEY] = await request.app[GATEWAY_KEY].admit(request)

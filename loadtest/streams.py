@@ -3,9 +3,9 @@
 Each session (all at once, or spread evenly over `ramp` seconds) opens its stream, then asks
 the server (the light upstream's `tick` tool) for one notification every `tick_interval`
 seconds, numbered from 1. At the end it asks how many were sent and waits for the stream to
-catch up. Every number not received is an
-`event_lost` violation, every number received twice an `event_duplicated`. The latency
-recorded for an event is how long after its due time it arrived.
+catch up. Every number not received is an `event_lost` violation, every number received twice
+an `event_duplicated`. The latency recorded for an event is how long after its due time it
+arrived.
 
 `resume` also cuts each stream at random points and reconnects with `Last-Event-ID`, as a
 client on a flaky network does; a target that resumes correctly loses and repeats nothing.

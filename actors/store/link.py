@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from actors.http import internal_refusal
 from actors.http_client import HttpClient, HttpClientError
-from actors.internal import SECRET_HEADER, STORE_PATH, authorized
+from actors.internal import SECRET_HEADER, STORE_PATH
 from actors.store.base import QUOTA_RETRY, Membership, NodeRecord, OwnershipRecord, Quota, Store
 from tether.errors import LeaseLost, OwnershipConflict, QuotaExceeded, StoreError
 
@@ -66,8 +67,8 @@ def store_routes(store: Store, secret: str) -> list[web.RouteDef]:
     """aiohttp routes that serve `store` to nodes at `/_tether/store/{op}`."""
 
     async def handle(request: web.Request) -> web.Response:
-        if not authorized(request.headers, secret):
-            return web.json_response({"error": "internal secret missing or wrong"}, status=401)
+        if refused := internal_refusal(request, secret, (STORE_PATH,)):
+            return refused
         op = OPS.get(request.match_info["op"])
         if op is None:
             return web.json_response({"error": f"no store operation {request.match_info['op']!r}"},

@@ -73,7 +73,7 @@ async def test_a_stream_its_reader_stops_taking_is_dropped_at_the_buffer_limit(n
         await link.close()
 
 
-async def test_an_idle_get_stream_costs_the_node_nothing_and_keeps_its_session(tmp_path: object) -> None:
+async def test_an_idle_get_stream_costs_the_node_nothing_and_keeps_its_session() -> None:
     # The gateway pings its clients itself: the node sends nothing on an idle GET stream, not even at
     # its keep-alive interval, and the attached stream alone keeps the session from idle expiry.
     config = Config(host="127.0.0.1", port=0, internal_secret=SECRET, keepalive_interval=0.2,
