@@ -12,11 +12,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 
-from actors.http import Handler, bind_socket, error_answer, health_routes, internal_refusal
+from actors.http import Handler, bind_socket, error_answer, error_parts, health_routes, internal_refusal
 from actors.ids import SessionIds
 from actors.internal import (
     BATCH_HEADER,
@@ -67,6 +69,48 @@ LINK_SLACK = 5.0  # seconds a node may take beyond its own limits before the gat
 _FORWARDED = (VERSION_HEADER, "Last-Event-ID")
 
 
+class ClientRequest(Protocol):
+    """What the gateway reads of a client request; aiohttp's `web.Request` and the edge's `EdgeRequest`
+    both are one."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def cookies(self) -> Mapping[str, str]: ...
+    @property
+    def query(self) -> Mapping[str, str]: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+
+
+class StreamSink(Protocol):
+    """Where `Gateway.pipe` writes a stream: aiohttp's `web.StreamResponse`, or the edge's."""
+
+    async def write(self, data: bytes) -> None: ...
+    async def write_eof(self, data: bytes = b"") -> None: ...
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the client gets: a status, headers and a whole body, or a node's live SSE stream to pipe
+    (its sender closes it)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = b""
+    stream: LinkResponse | None = None
+
+    @classmethod
+    def error(cls, exc: TetherError, request_id: object = None) -> Answer:
+        return cls(*error_parts(exc, request_id))
+
+
 class Gateway:
     """Routes client requests to the node that owns their session."""
 
@@ -83,14 +127,14 @@ class Gateway:
         self.auth = Authenticator(config)
         self.rate = RateLimiter(config.rate_limit, config.rate_burst)
 
-    def named_session(self, request: web.Request, post: rules.Post | None) -> str | None:
+    def named_session(self, request: ClientRequest, principal: Principal, post: rules.Post | None) -> str | None:
         """In key-affinity mode, the session id the request names (by header, cookie, query or body)."""
         if self.affinity is None:
             return None
         name = self.affinity.value(request.headers, request.cookies, request.query, post)
-        return self.ids.for_name(name, request[PRINCIPAL_KEY].name) if name else None
+        return self.ids.for_name(name, principal.name) if name else None
 
-    async def admit(self, request: web.Request) -> Principal:
+    async def admit(self, request: ClientRequest) -> Principal:
         """Who the client is, if it may call at all: Origin, credentials, then its request rate.
         Raises `Forbidden` (403), `Unauthorized` (401) or `QuotaExceeded` (429)."""
         rules.check_origin(request.headers.get("Origin"), self.config.allowed_origins)
@@ -134,8 +178,8 @@ class Gateway:
 
     # -- routing ---------------------------------------------------------------
 
-    async def create_session(self, request: web.Request, body: bytes, mode: str, version: str,
-                             principal: Principal, sid: str | None = None) -> web.StreamResponse:
+    async def create_session(self, body: bytes, mode: str, version: str, principal: Principal,
+                             sid: str | None = None) -> Answer:
         """Place a new session (a minted id, or a named one) on the first node of its ring order that
         accepts it, and relay the upstream's initialize answer. A named session already live elsewhere
         is joined where it lives."""
@@ -145,7 +189,7 @@ class Gateway:
         sid = sid or self.ids.mint()
         resp = await self.place(sid, body, {CREATE_HEADER: "1", RESPONSE_HEADER: mode, VERSION_HEADER: version,
                                             **_principal_headers(principal, create=True)})
-        return await self.relay(request, resp, {SESSION_HEADER: sid} if resp.headers.get(EPOCH_HEADER) else {})
+        return await self.relay(resp, {SESSION_HEADER: sid} if resp.headers.get(EPOCH_HEADER) else {})
 
     async def create_channel(self, principal: Principal) -> str:
         """Place a new WebSocket or HTTP+SSE session; its initialize comes later, on the channel.
@@ -205,11 +249,10 @@ class Gateway:
                              retry_after=1.0)
         return resp, owner
 
-    async def forward(self, request: web.Request, method: str, sid: str, *, body: bytes | None = None,
-                      headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+    async def forward(self, method: str, sid: str, principal: Principal, *, body: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> Answer:
         """Send a request to the owner of `sid` and relay its answer. Raises `SessionNotFound`."""
-        resp = await self.call(method, sid, request[PRINCIPAL_KEY], body=body, headers=headers)
-        return await self.relay(request, resp, {})
+        return await self.relay(await self.call(method, sid, principal, body=body, headers=headers), {})
 
     async def call(self, method: str, sid: str, principal: Principal, *, body: bytes | None = None,
                    headers: Mapping[str, str] | None = None) -> LinkResponse:
@@ -242,20 +285,17 @@ class Gateway:
             return config.kill_grace + LINK_SLACK
         return config.upstream_request_timeout + LINK_SLACK
 
-    async def relay(self, request: web.Request, resp: LinkResponse,
-                    extra: Mapping[str, str], transport: str = TRANSPORT) -> web.StreamResponse:
-        """Copy a node's answer to the client; SSE is streamed chunk by chunk, never buffered whole. An
-        answer that came whole (a POST's SSE answer usually does: one frame) leaves in one write."""
+    async def relay(self, resp: LinkResponse, extra: Mapping[str, str]) -> Answer:
+        """A node's answer for the client. A whole answer is read here (a POST's SSE answer usually comes
+        whole: one frame) and leaves in one write; a live SSE stream is handed on, to be piped as it
+        comes and closed by whoever sends it."""
+        sse = resp.content_type == "text/event-stream"
+        if sse and not resp.complete:
+            return Answer(resp.status, {**SSE_HEADERS, **extra}, stream=resp)
         try:
-            sse = resp.content_type == "text/event-stream"
-            if not sse or resp.complete:
-                headers: dict[str, str] = SSE_HEADERS if sse else {
-                    k: v for k in ("Content-Type", "Retry-After") if (v := resp.headers.get(k)) is not None}
-                return web.Response(status=resp.status, body=await resp.read(), headers={**headers, **extra})
-            out = web.StreamResponse(status=resp.status, headers={**SSE_HEADERS, **extra})
-            await out.prepare(request)
-            await self.pipe(resp, out, transport)
-            return out
+            headers: Mapping[str, str] = SSE_HEADERS if sse else {
+                k: v for k in ("Content-Type", "Retry-After") if (v := resp.headers.get(k)) is not None}
+            return Answer(resp.status, {**headers, **extra}, await resp.read())
         finally:
             resp.close()
 
@@ -270,7 +310,7 @@ class Gateway:
         except TetherError as exc:
             log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
 
-    async def pipe(self, resp: LinkResponse, out: web.StreamResponse, transport: str) -> None:
+    async def pipe(self, resp: LinkResponse, out: StreamSink, transport: str) -> None:
         """Copy a node's SSE stream to the client as it arrives, until either side goes, with a
         keep-alive comment after each `keepalive_interval` of silence: the gateway pings its own
         clients, so an idle stream wakes no node. A client that stops reading for
@@ -324,8 +364,8 @@ async def as_error(resp: LinkResponse) -> TetherError:
     return error
 
 
-def _forwarded(request: web.Request, **extra: str) -> dict[str, str]:
-    headers = {k: request.headers[k] for k in _FORWARDED if k in request.headers}
+def _forwarded(request: ClientRequest, **extra: str) -> dict[str, str]:
+    headers = {k: v for k in _FORWARDED if (v := request.headers.get(k)) is not None}
     headers.update(extra)
     return headers
 
@@ -334,73 +374,96 @@ async def read_body(request: web.Request, config: Config) -> bytes:
     """The whole body, within `max_body_bytes` (else 413) and `client_body_timeout` (else 408)."""
     limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Payload Too Large: the body is {request.content_length} bytes, "
-                              f"the limit is {limit}")
+        raise PayloadTooLarge(too_large(request.content_length, limit))
     try:
         async with asyncio.timeout(config.client_body_timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Payload Too Large: the body is over the {limit}-byte limit") from None
+        raise PayloadTooLarge(too_large(None, limit)) from None
     except TimeoutError:
-        raise RequestTimeout(f"Request Timeout: the body did not arrive within {config.client_body_timeout:g}s") \
-            from None
+        raise RequestTimeout(body_late(config)) from None
 
 
-async def handle_post(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY_KEY]
+def too_large(length: int | None, limit: int) -> str:
+    if length is None:
+        return f"Payload Too Large: the body is over the {limit}-byte limit"
+    return f"Payload Too Large: the body is {length} bytes, the limit is {limit}"
+
+
+def body_late(config: Config) -> str:
+    return f"Request Timeout: the body did not arrive within {config.client_body_timeout:g}s"
+
+
+async def answer_mcp(gw: Gateway, request: ClientRequest, principal: Principal, body: bytes) -> Answer:
+    """The answer to one admitted request on `/mcp`, whichever server read it. Never raises TetherError."""
+    method = request.method
+    try:
+        if method == "POST":
+            return await _answer_post(gw, request, principal, body)
+        if method == "GET":
+            sid = _session_request(gw, request, principal, "open a stream")
+            rules.check_stream_accept(request.headers.get("Accept"))
+            return await gw.forward("GET", sid, principal, headers=_forwarded(request))
+        if method == "DELETE":
+            sid = _session_request(gw, request, principal, "end a session")
+            return await gw.forward("DELETE", sid, principal, headers=_forwarded(request))
+        raise MethodNotAllowed(f"Method Not Allowed: {method} on {MCP_PATH}; use POST, GET or DELETE")
+    except TetherError as exc:
+        return Answer.error(exc)
+
+
+async def _answer_post(gw: Gateway, request: ClientRequest, principal: Principal, body: bytes) -> Answer:
     config = gw.config
+    headers = request.headers
     post: rules.Post | None = None
     try:
-        mode = rules.post_answer_mode(request.headers.get("Content-Type"), request.headers.get("Accept"),
-                                      config.response_mode)
-        version = rules.protocol_version(request.headers.get(VERSION_HEADER))
-        body = await read_body(request, config)
+        mode = rules.post_answer_mode(headers.get("Content-Type"), headers.get("Accept"), config.response_mode)
+        version = rules.protocol_version(headers.get(VERSION_HEADER))
         post = rules.parse_post(body, version, max_depth=config.max_json_depth)
-        sid = rules.session_id(request.headers.get(SESSION_HEADER))
-        principal = request[PRINCIPAL_KEY]
-        if sid is None and (named := gw.named_session(request, post)) is not None:
+        sid = rules.session_id(headers.get(SESSION_HEADER))
+        if sid is None and (named := gw.named_session(request, principal, post)) is not None:
             if post.initialize:
-                return await gw.create_session(request, body, mode, version, principal, sid=named)
+                return await gw.create_session(body, mode, version, principal, sid=named)
             sid = named
         if version in MODERN_VERSIONS:
-            rules.check_modern_headers(request.headers, post, version)
+            rules.check_modern_headers(headers, post, version)
         if sid is None:
             if post.initialize:
-                return await gw.create_session(request, body, mode, version, principal)
+                return await gw.create_session(body, mode, version, principal)
             if version in MODERN_VERSIONS:
                 raise rules.stateless_fallback(version)
             raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required (start with initialize)")
         if post.initialize:
             raise BadRequest("Invalid Request: this session is already initialized")
         extra = {RESPONSE_HEADER: mode, **({BATCH_HEADER: "1"} if post.batch else {})}
-        return await gw.forward(request, "POST", sid, body=body, headers=_forwarded(request, **extra))
+        return await gw.forward("POST", sid, principal, body=body, headers=_forwarded(request, **extra))
     except TetherError as exc:
-        return error_answer(exc, post.first_id if post and not post.batch else None)
+        return Answer.error(exc, post.first_id if post and not post.batch else None)
 
 
-def _session_request(request: web.Request, purpose: str) -> str:
+def _session_request(gw: Gateway, request: ClientRequest, principal: Principal, purpose: str) -> str:
     """The checks every GET and DELETE passes; returns the session id. Raises TetherError."""
     rules.protocol_version(request.headers.get(VERSION_HEADER))
-    sid = rules.session_id(request.headers.get(SESSION_HEADER))
-    sid = sid or request.app[GATEWAY_KEY].named_session(request, None)
+    sid = rules.session_id(request.headers.get(SESSION_HEADER)) or gw.named_session(request, principal, None)
     if sid is None:
         raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required to {purpose}")
     return sid
 
 
-async def handle_get(request: web.Request) -> web.StreamResponse:
-    sid = _session_request(request, "open a stream")
-    rules.check_stream_accept(request.headers.get("Accept"))
-    return await request.app[GATEWAY_KEY].forward(request, "GET", sid, headers=_forwarded(request))
-
-
-async def handle_delete(request: web.Request) -> web.StreamResponse:
-    sid = _session_request(request, "end a session")
-    return await request.app[GATEWAY_KEY].forward(request, "DELETE", sid, headers=_forwarded(request))
-
-
-async def handle_other(request: web.Request) -> web.StreamResponse:
-    raise MethodNotAllowed(f"Method Not Allowed: {request.method} on {MCP_PATH}; use POST, GET or DELETE")
+async def handle_mcp(request: web.Request) -> web.StreamResponse:
+    """`/mcp` on a connection aiohttp serves (one the edge handed over: see `gateway.edge`)."""
+    gw = request.app[GATEWAY_KEY]
+    body = await read_body(request, gw.config) if request.method == "POST" else b""
+    answer = await answer_mcp(gw, request, request[PRINCIPAL_KEY], body)
+    if answer.stream is None:
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    try:
+        out = web.StreamResponse(status=answer.status, headers=answer.headers)
+        await out.prepare(request)
+        await gw.pipe(answer.stream, out, TRANSPORT)
+        return out
+    finally:
+        answer.stream.close()
 
 
 @web.middleware
@@ -437,8 +500,7 @@ def build_gateway_app(gateway: Gateway, store: Store | None = None) -> web.Appli
     app = web.Application(middlewares=[measured],
                           client_max_size=config.max_body_bytes)
     app[GATEWAY_KEY] = gateway
-    app.add_routes([web.post(MCP_PATH, handle_post), web.get(MCP_PATH, handle_get),
-                    web.delete(MCP_PATH, handle_delete), web.route("*", MCP_PATH, handle_other)])
+    app.add_routes([web.route("*", MCP_PATH, handle_mcp)])
     from gateway.channels import channel_routes  # it builds on this module's Gateway
 
     app.add_routes(channel_routes())
