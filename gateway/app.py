@@ -64,6 +64,8 @@ MCP_PATH = "/mcp"
 TRANSPORT = "streamable_http"
 # The transport label of each client path (the channel transports' paths are in gateway.channels).
 TRANSPORTS = {MCP_PATH: TRANSPORT, "/sse": "sse", "/messages": "sse", "/ws": "websocket"}
+SHUTDOWN_GRACE = 1.0  # seconds requests in flight get to finish when the gateway stops
+LISTEN_BACKLOG = 1024  # connections the kernel queues before the gateway accepts them
 LINK_SLACK = 5.0  # seconds a node may take beyond its own limits before the gateway gives up on it
 # Client headers a node needs to see; nothing else crosses the link.
 _FORWARDED = (VERSION_HEADER, "Last-Event-ID")
@@ -518,22 +520,30 @@ async def serve_gateway(config: Config, store: Store, *, host_store: bool) -> As
     sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
     gateway = Gateway(config, store)
-    # handler_cancellation: a client that goes away cancels its handler, which closes the link
-    # response, which the node sees at once, instead of at the next keep-alive ping.
+    # The edge (gateway.edge) serves /mcp and hands every other connection to this aiohttp server,
+    # which keeps the same rules. handler_cancellation: a client that goes away cancels its handler,
+    # which closes the link response, which the node sees at once, not at the next keep-alive ping.
     # keepalive_timeout bounds how long a connection may go without a whole request: aiohttp arms it
     # when the connection opens and trickled bytes do not re-arm it, so a slowloris is cut off.
     runner = web.AppRunner(build_gateway_app(gateway, store if host_store else None), access_log=None,
-                           handle_signals=False, shutdown_timeout=1.0, handler_cancellation=True,
+                           handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE, handler_cancellation=True,
                            keepalive_timeout=config.client_header_timeout,
                            max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    from gateway.edge import Edge  # it builds on this module's answers
+
+    assert runner.server is not None  # set up above
+    edge = Edge(gateway, runner.server)
+    server = await asyncio.get_running_loop().create_server(edge, sock=sock, backlog=LISTEN_BACKLOG)
     await gateway.start()
     host = f"[{config.host}]" if ":" in config.host else config.host
+    edge.host = f"{host}:{port}"
     gateway.url = f"http://{host}:{port}"
     log.info("gateway.started", extra={"url": gateway.url})
     try:
         yield gateway
     finally:
+        server.close()
         await gateway.close()
+        await edge.close(SHUTDOWN_GRACE)
         await runner.cleanup()

@@ -1,0 +1,531 @@
+"""The gateway's lean HTTP/1.1 edge: `/mcp` served on llhttp, every other path handed to aiohttp.
+
+aiohttp's server cost two thirds of the gateway's CPU a request and about 12 KB
+an open stream. The edge parses with llhttp (`httptools`), answers a whole body
+in one write and streams SSE as HTTP chunks, and keeps every edge rule aiohttp
+kept: request-line and header-line length, header count, body size, the header
+timeout (a slowloris is cut off), the body timeout, the client write timeout,
+and cancelling the request's work when its client leaves.
+
+A request for any other path (the channel transports, health, metrics, the
+embedded store, OAuth metadata), or one that asks for an upgrade, hands its
+connection to aiohttp with its bytes unparsed. The edge frames messages itself
+(the head to its blank line, then Content-Length bytes), so it always knows
+where the next request starts. A chunked request body is read, answered, and
+its connection closed. A refused request is answered with `Connection: close`
+and the rest of what the client sends is read and dropped until it hangs up or
+`client_body_timeout` passes, so the client reads the answer, not a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qsl
+
+import httptools
+
+from gateway.app import MCP_PATH, TRANSPORT, Answer, Gateway, answer_mcp, body_late, too_large
+from tether.errors import BadRequest, PayloadTooLarge, RequestTimeout, TetherError
+from tether.tasks import TaskSet
+
+log = logging.getLogger("tether.gateway")
+
+MAX_HEADERS = 128  # header lines a request may carry
+BACKLOG_BYTES = 64 * 1024  # bytes of later (pipelined) requests read ahead while one is answered
+_MCP = MCP_PATH.encode()
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Headers(dict[str, str]):
+    """Request headers by lower-cased name; a repeated header's values joined by ", " (RFC 9110 5.3)."""
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return dict.get(self, key.lower(), default)
+
+    def __getitem__(self, key: str) -> str:
+        return dict.__getitem__(self, key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and dict.__contains__(self, key.lower())
+
+
+class EdgeRequest:
+    """One request the edge read whole: what `gateway.app.ClientRequest` asks of it."""
+
+    __slots__ = ("method", "target", "headers", "remote", "host", "_query", "_cookies")
+    scheme = "http"
+
+    def __init__(self, method: str, target: str, headers: Headers, remote: str | None, host: str) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.remote = remote
+        self.host = host
+        self._query: dict[str, str] | None = None
+        self._cookies: dict[str, str] | None = None
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        if self._query is None:  # the first value of a repeated parameter wins, as in aiohttp
+            pairs = parse_qsl(self.target.partition("?")[2], keep_blank_values=True)
+            self._query = {k: v for k, v in reversed(pairs)}
+        return self._query
+
+    @property
+    def cookies(self) -> Mapping[str, str]:
+        if self._cookies is None:
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(self.headers.get("Cookie") or "")
+            except CookieError:
+                pass  # an unparsable Cookie header names no cookie
+            self._cookies = {name: morsel.value for name, morsel in jar.items()}
+        return self._cookies
+
+
+class _Message:
+    """The request being read: its parts as llhttp reports them."""
+
+    __slots__ = ("url", "headers", "count", "body", "size", "length", "chunked", "complete", "refusal",
+                 "method", "keep_alive", "legacy")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers = Headers()
+        self.count = 0
+        self.body: list[bytes] = []
+        self.size = 0
+        self.length = 0  # Content-Length, 0 when absent
+        self.chunked = False
+        self.complete = False
+        self.refusal: TetherError | None = None
+        self.method = ""  # known once the head is parsed
+        self.keep_alive = True
+        self.legacy = False  # HTTP/1.0: no chunked answers
+
+
+class EdgeConnection(asyncio.Protocol):
+    """One client connection: reads requests one at a time, answers each in a task it owns."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+        self.limit = edge.gateway.config.max_header_bytes
+        self.parser = httptools.HttpRequestParser(self)
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.message: _Message | None = None  # the request being read
+        self.remaining = 0  # its Content-Length bytes still to come; -1 for a chunked body
+        self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.timer: asyncio.TimerHandle | None = None  # the header or body deadline
+        self.drained: asyncio.Future[None] | None = None  # set while the client's socket is full
+        self.keep_alive = True
+        self.dropping = False  # refused: what the client still sends is read and dropped
+        self.reading = True
+        self.lost = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if peer else None
+        self.edge.connections.add(self)
+        self._deadline(self.edge.gateway.config.client_header_timeout, self._close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.dropping:
+            return
+        self.buffer += data
+        self._advance()
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done sending: close, as aiohttp does; any work is cancelled
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.edge.connections.discard(self)
+        self._deadline(None)
+        if self.task is not None:
+            self.task.cancel()  # the client left: stop its work (closing a link response tells the node)
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_exception(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        if self.drained is None or self.drained.done():
+            self.drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    # -- llhttp callbacks ---------------------------------------------------------------
+
+    # After a chunked body the parser reads on into whatever follows; that is never answered (the
+    # connection closes), so the callbacks ignore it.
+
+    def on_url(self, url: bytes) -> None:
+        m = self.message
+        if m is None or m.complete:
+            return
+        m.url += url
+        if len(m.url) > self.limit and m.refusal is None:
+            m.refusal = BadRequest(f"Bad Request: Got more than {self.limit} bytes in the request line")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        m = self.message
+        if m is None or m.complete:
+            return
+        m.count += 1
+        if m.refusal is not None:
+            return
+        if len(name) + len(value) + 2 > self.limit:
+            m.refusal = BadRequest(f"Bad Request: Got more than {self.limit} bytes in the header line "
+                                   f"{name.decode('latin-1')}")
+        elif m.count > MAX_HEADERS:
+            m.refusal = BadRequest(f"Bad Request: Too many headers (more than {MAX_HEADERS})")
+        else:
+            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+            old = m.headers.get(key)
+            dict.__setitem__(m.headers, key, text if old is None else f"{old}, {text}")
+
+    def on_headers_complete(self) -> None:
+        m = self.message
+        if m is None or m.complete:
+            return
+        parser = self.parser
+        m.method = parser.get_method().decode("latin-1")
+        m.keep_alive = parser.should_keep_alive()
+        m.legacy = parser.get_http_version() == "1.0"
+        m.chunked = "chunked" in (m.headers.get("transfer-encoding") or "").lower()
+        if (length := m.headers.get("content-length")) is not None:
+            m.length = int(length)  # llhttp has checked it is digits, and not repeated differently
+
+    def on_body(self, body: bytes) -> None:
+        m = self.message
+        if m is None or m.complete:
+            return
+        m.size += len(body)
+        if m.size <= self.edge.gateway.config.max_body_bytes:
+            m.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.message is not None:
+            self.message.complete = True
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Read what the buffer holds: the next head, its body, and when a request is whole, answer it."""
+        while not self.lost and not self.dropping:
+            if self.task is not None:  # a request is being answered; later ones wait, within a bound
+                if len(self.buffer) > BACKLOG_BYTES and self.reading:
+                    self._reading(False)
+                return
+            if self.message is None and not self._begin():
+                return
+            if not self._read_body():
+                return
+            self._dispatch()
+
+    def _begin(self) -> bool:
+        """Start on the next request once its head is all here; False while it is not (or it was
+        refused, or handed to aiohttp)."""
+        buf = self.buffer
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            line = len(buf) - buf.rfind(b"\n") - 1
+            if line > self.limit or len(buf) > self.limit * (MAX_HEADERS + 2):
+                self._refuse(BadRequest(f"Bad Request: Got more than {self.limit} bytes in a request line "
+                                        "or header line"))
+            return False
+        first = buf.find(b"\r\n")
+        parts = bytes(buf[:first]).split(b" ")
+        path = parts[1].partition(b"?")[0] if len(parts) == 3 else b""
+        if path != _MCP or buf.find(b"pgrade:", 0, end) >= 0 or buf.find(b"PGRADE:", 0, end) >= 0:
+            self._hand_off()
+            return False
+        self._deadline(None)
+        head = bytes(buf[:end + 4])
+        del buf[:end + 4]
+        self.message = m = _Message()
+        if not self._feed(head):
+            return False
+        limit = self.edge.gateway.config.max_body_bytes
+        if m.refusal is not None:
+            self._refuse(m.refusal)
+        elif m.length > limit:
+            self._refuse(PayloadTooLarge(too_large(m.length, limit)))
+        elif not m.complete:
+            self.remaining = -1 if m.chunked else m.length
+            if (m.headers.get("expect") or "").lower() == "100-continue":
+                self._write(_CONTINUE)
+            self._deadline(self.edge.gateway.config.client_body_timeout, self._body_late)
+        return not self.dropping
+
+    def _read_body(self) -> bool:
+        """Feed the parser what the buffer holds of the body; True once the request is whole."""
+        m = self.message
+        assert m is not None
+        if m.complete:
+            return True
+        buf = self.buffer
+        if not buf:
+            return False
+        n = len(buf) if self.remaining < 0 else min(self.remaining, len(buf))
+        data = bytes(buf[:n])
+        del buf[:n]
+        if self.remaining > 0:
+            self.remaining -= n
+        if not self._feed(data):
+            return False
+        if m.size > self.edge.gateway.config.max_body_bytes:
+            self._refuse(PayloadTooLarge(too_large(None, self.edge.gateway.config.max_body_bytes)))
+            return False
+        return m.complete
+
+    def _feed(self, data: bytes) -> bool:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.message is not None and self.message.complete and self.message.chunked:
+                return True  # whatever follows a chunked body is never read: its connection closes
+            detail = exc.args[0] if exc.args else type(exc).__name__
+            self._refuse(BadRequest(f"Bad Request: malformed HTTP request ({detail})"))
+            return False
+        return True
+
+    def _dispatch(self) -> None:
+        m = self.message
+        assert m is not None
+        self._deadline(None)
+        self.message = None
+        # After a chunked body the parser may have read into the next request: the connection ends.
+        self.keep_alive = m.keep_alive and not m.chunked and not self.edge.closing
+        request = EdgeRequest(m.method, m.url.decode("latin-1"), m.headers, self.remote,
+                              m.headers.get("host") or self.edge.host)
+        body = m.body[0] if len(m.body) == 1 else b"".join(m.body)
+        self.task = self.edge.tasks.spawn(self._answer(request, body, m.legacy), "request")
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def _answer(self, request: EdgeRequest, body: bytes, legacy: bool) -> None:
+        gw = self.edge.gateway
+        started = time.monotonic()
+        sent = False
+        try:
+            try:
+                principal = await gw.admit(request)
+            except TetherError as exc:
+                answer = Answer.error(exc)
+            else:
+                answer = await answer_mcp(gw, request, principal, body)
+            sent = True
+            if answer.stream is None:
+                self._write(self._head(answer, len(answer.body)) + (b"" if request.method == "HEAD" else answer.body))
+            else:
+                await self._stream(answer, legacy)
+            gw.metrics.observe(TRANSPORT, request.method, answer.status, time.monotonic() - started)
+        except Exception:
+            log.exception("request.failed")
+            self.keep_alive = False
+            if not sent:
+                answer = Answer.error(TetherError("Internal Server Error: the gateway failed on this request"))
+                self._write(self._head(answer, len(answer.body)) + answer.body)
+        finally:
+            self.task = None
+            self._next()
+
+    async def _stream(self, answer: Answer, legacy: bool) -> None:
+        """Pipe a node's SSE stream to the client, in chunks (to the close, for an HTTP/1.0 client)."""
+        assert answer.stream is not None
+        if legacy:
+            self.keep_alive = False
+        out = EdgeStream(self, chunked=not legacy)
+        try:
+            self._write(self._head(answer, None if not legacy else -1))
+            await self.edge.gateway.pipe(answer.stream, out, TRANSPORT)
+        finally:
+            answer.stream.close()
+        if not out.ended and not self.lost:
+            if self.drained is not None and not self.drained.done():
+                self.keep_alive = False  # a client that stopped reading is not written to again
+            elif not legacy:
+                self._write(_LAST_CHUNK)  # the node's side ended early: end the body, the client resumes
+
+    def _head(self, answer: Answer, length: int | None) -> bytes:
+        """The status line and headers; `length` None for a chunked body, -1 for one that ends at the close."""
+        lines = [_status_line(answer.status)]
+        for name, value in answer.headers.items():
+            if "\r" not in value and "\n" not in value:
+                lines.append(f"{name}: {value}\r\n")
+        if length is None:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        elif length >= 0:
+            lines.append(f"Content-Length: {length}\r\n")
+        lines.append(f"Date: {_date()}\r\n")
+        lines.append("\r\n" if self.keep_alive else "Connection: close\r\n\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _next(self) -> None:
+        """After an answer: wait for the next request on a kept-alive connection, or close."""
+        if self.lost:
+            return
+        if not self.keep_alive:
+            self._close()
+            return
+        if not self.reading:
+            self._reading(True)
+        self._deadline(self.edge.gateway.config.client_header_timeout, self._close)
+        self._advance()
+
+    def _refuse(self, exc: TetherError) -> None:
+        """Answer a request that cannot be read (400, 408, 413) and end the connection, reading and
+        dropping what the client still sends so that it reads the answer rather than a reset."""
+        m = self.message
+        self.message = None
+        self.buffer.clear()
+        self.keep_alive = False
+        self.dropping = True
+        answer = Answer.error(exc)
+        self._write(self._head(answer, len(answer.body)) + answer.body)
+        if m is not None and m.method:
+            self.edge.gateway.metrics.observe(TRANSPORT, m.method, exc.status, 0.0)
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._deadline(self.edge.gateway.config.client_body_timeout, self._close)
+        if not self.reading:
+            self._reading(True)
+
+    def _body_late(self) -> None:
+        self._refuse(RequestTimeout(body_late(self.edge.gateway.config)))
+
+    def _hand_off(self) -> None:
+        """Give the connection, and the bytes of its next request, to aiohttp's server."""
+        transport = self.transport
+        assert transport is not None
+        self._deadline(None)
+        self.edge.connections.discard(self)
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self.lost = True  # to this protocol, the connection is gone
+        handler = self.edge.fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if not self.reading:
+            transport.resume_reading()
+        handler.data_received(data)
+
+    # -- I/O helpers ------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    def _reading(self, on: bool) -> None:
+        self.reading = on
+        if self.transport is not None and not self.lost:
+            (self.transport.resume_reading if on else self.transport.pause_reading)()
+
+    def _deadline(self, seconds: float | None, then: Callable[[], None] | None = None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if seconds is not None and then is not None:
+            self.timer = asyncio.get_running_loop().call_later(seconds, then)
+
+    def _close(self) -> None:
+        self._deadline(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("the client closed the connection")
+        if self.drained is not None and not self.drained.done():
+            await self.drained
+
+
+class EdgeStream:
+    """An answer's body written as it comes: what `Gateway.pipe` writes a stream to."""
+
+    __slots__ = ("conn", "chunked", "ended")
+
+    def __init__(self, conn: EdgeConnection, *, chunked: bool) -> None:
+        self.conn = conn
+        self.chunked = chunked
+        self.ended = False
+
+    async def write(self, data: bytes) -> None:
+        if self.conn.lost:
+            raise ConnectionResetError("the client closed the connection")
+        if data:
+            self.conn._write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        await self.conn.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if data:
+            await self.write(data)
+        if self.chunked:
+            self.conn._write(_LAST_CHUNK)
+        self.ended = True
+        await self.conn.drain()
+
+
+class Edge:
+    """The protocol factory `loop.create_server` calls: one `EdgeConnection` per client connection."""
+
+    def __init__(self, gateway: Gateway, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self.gateway = gateway
+        self.fallback = fallback  # aiohttp's server: a new RequestHandler for a connection handed over
+        self.connections: set[EdgeConnection] = set()
+        self.tasks = TaskSet("edge")
+        self.closing = False
+        self.host = ""  # this server's host:port, for a request without a Host header
+
+    def __call__(self) -> EdgeConnection:
+        return EdgeConnection(self)
+
+    async def close(self, grace: float) -> None:
+        """Close idle connections now, give requests in flight `grace` seconds, then cut the rest."""
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn._close()
+        busy = [conn.task for conn in self.connections if conn.task is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
+        await self.tasks.close()
+        for conn in list(self.connections):
+            conn._close()
+
+
+_STATUS: dict[int, str] = {}
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _status_line(status: int) -> str:
+    line = _STATUS.get(status)
+    if line is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+        line = _STATUS[status] = f"HTTP/1.1 {status} {reason}\r\n"
+    return line
+
+
+def _date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
