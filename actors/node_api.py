@@ -48,6 +48,7 @@ from actors.mcp import (
     kind_of,
 )
 from actors.node import Declined, Node
+from actors.outbox import Outbox
 from actors.session import CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
@@ -101,10 +102,10 @@ class Reply:
     a short stream is one frame.
     """
 
-    __slots__ = ("_ws", "xid", "_head", "started", "ended")
+    __slots__ = ("_outbox", "xid", "_head", "started", "ended")
 
-    def __init__(self, ws: web.WebSocketResponse, xid: int) -> None:
-        self._ws = ws
+    def __init__(self, outbox: Outbox, xid: int) -> None:
+        self._outbox = outbox
         self.xid = xid
         self._head: list[Any] | None = None
         self.started = False
@@ -124,14 +125,14 @@ class Reply:
         else:
             frame = mux.encode(mux.DATA, self.xid, None, chunk, fin)
         self.ended = fin
-        await self._ws.send_bytes(frame)
+        await self._outbox.put(frame)
 
     async def end(self, chunk: bytes = b"") -> None:
         await self.write(chunk, fin=True)
 
     async def cancel(self) -> None:
         self.ended = True
-        await self._ws.send_bytes(mux.encode(mux.CANCEL, self.xid))
+        self._outbox.post(mux.encode(mux.CANCEL, self.xid))
 
 
 def _json(answer: object, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -287,24 +288,37 @@ async def serve_link(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     exchanges = TaskSet(f"link-{request.remote}")
     running: dict[int, asyncio.Task[None]] = {}
+    outbox = Outbox(ws.send_bytes)
+    writer = exchanges.spawn(_write(outbox, ws), "write")
     try:
         async for message in ws:
             if message.type != WSMsgType.BINARY:
                 continue
-            frame = mux.decode(message.data)
-            if frame.kind == mux.REQUEST:
-                method, sid, headers = frame.head
-                task = exchanges.spawn(_exchange(node, Call(method, sid, headers, frame.body), Reply(ws, frame.xid),
-                                                 running), sid_tag(sid))
-                running[frame.xid] = task
-            elif frame.kind == mux.CANCEL and frame.xid in running:
-                running.pop(frame.xid).cancel()
+            for frame in mux.decode(message.data):
+                if frame.kind == mux.REQUEST:
+                    method, sid, headers = frame.head
+                    task = exchanges.spawn(_exchange(node, Call(method, sid, headers, frame.body),
+                                                     Reply(outbox, frame.xid), running), sid_tag(sid))
+                    running[frame.xid] = task
+                elif frame.kind == mux.CANCEL and frame.xid in running:
+                    running.pop(frame.xid).cancel()
     except mux.FrameError as exc:
         log.error("link.bad_frame", extra={"detail": str(exc)})
     finally:
+        writer.cancel()
         await exchanges.close(timeout=1.0)
         await ws.close()
     return ws
+
+
+async def _write(outbox: Outbox, ws: web.WebSocketResponse) -> None:
+    """Send the link's outbox; a link that cannot be written to is closed, which ends its reader."""
+    try:
+        await outbox.run()
+    except ConnectionError as exc:
+        log.info("link.write_failed", extra={"detail": repr(exc)})
+    finally:
+        await ws.close()
 
 
 async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None]]) -> None:

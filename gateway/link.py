@@ -25,6 +25,7 @@ from aiohttp import WSMsgType
 
 from actors import mux
 from actors.internal import SECRET_HEADER
+from actors.outbox import Outbox
 from actors.store.base import NodeRecord
 from actors.waiting import Arrivals
 from tether.errors import Overloaded, UpstreamTimeout
@@ -48,7 +49,7 @@ class LinkResponse(Arrivals):
 
     status: int
     headers: dict[str, str]
-    __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout")
+    __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout", "_message")
 
     def __init__(self, conn: _Connection, xid: int, read_timeout: float | None) -> None:
         super().__init__()
@@ -57,6 +58,7 @@ class LinkResponse(Arrivals):
         self._conn = conn
         self._xid = xid
         self._read_timeout = read_timeout
+        self._message = -1  # the link message its last frame came in
 
     @property
     def content_type(self) -> str:
@@ -114,7 +116,17 @@ class LinkResponse(Arrivals):
             if not await self._wait(self._read_timeout):
                 raise TimeoutError
 
-    def _feed(self, frame: mux.Frame, limit: int) -> None:
+    def _feed(self, frame: mux.Frame, limit: int, message: int) -> None:
+        """Take one frame. At the first of its frames in a link message, what its reader has left
+        untaken from earlier messages is held against `limit`; a message's own frames all land (the
+        node sends what it has in one message, and the reader has not had a turn in between)."""
+        if message != self._message:
+            self._message = message
+            if self._size > limit:
+                self.close()
+                self._fail(LinkLost(f"the client read slower than its stream came: {self._size} bytes were "
+                                    f"waiting, over stream_buffer_bytes ({limit})"))
+                return
         if frame.kind == mux.RESPONSE:
             self.status, self.headers = frame.head
         if frame.fin:
@@ -125,11 +137,7 @@ class LinkResponse(Arrivals):
             return
         if frame.body:
             self._add(frame.body)
-        if self._size > limit:
-            self.close()
-            self._fail(LinkLost(f"the client read slower than its stream came: {self._size} bytes were "
-                                f"waiting, over stream_buffer_bytes ({limit})"))
-        elif not frame.body:
+        else:
             self._wake()  # a head without a body yet
 
 
@@ -141,9 +149,10 @@ class _Connection:
         self.node = node
         self.ws = ws
         self.exchanges: dict[int, LinkResponse] = {}
+        self.outbox = Outbox(ws.send_bytes)
         self._buffer_limit = buffer_limit
         self._ids = itertools.count(1)
-        self._tasks = tasks
+        self._writer = tasks.spawn(self._write(), f"write-{node.node_id}")
 
     async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
                     read_timeout: float | None) -> LinkResponse:
@@ -152,40 +161,48 @@ class _Connection:
             xid = next(self._ids) & 0xFFFFFFFF
         resp = LinkResponse(self, xid, read_timeout)
         self.exchanges[xid] = resp
-        await self.ws.send_bytes(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+        await self.outbox.put(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
         return resp
 
     def cancel(self, xid: int) -> None:
-        if self.ws.closed:
-            return
-        self._tasks.spawn(self._send_cancel(xid), "cancel")
-
-    async def _send_cancel(self, xid: int) -> None:
         with contextlib.suppress(ConnectionError):  # a link that is going cancels everything on it anyway
-            await self.ws.send_bytes(mux.encode(mux.CANCEL, xid))
+            self.outbox.post(mux.encode(mux.CANCEL, xid))
+
+    async def _write(self) -> None:
+        """Send the outbox until the link fails; a link that cannot be written to is closed, which
+        ends `run` and fails the exchanges on it."""
+        try:
+            await self.outbox.run()
+        except ConnectionError as exc:
+            log.info("link.write_failed", extra={"node": self.node.node_id, "detail": repr(exc)})
+        finally:
+            await self.ws.close()
 
     async def run(self) -> None:
         """Hand each frame to its exchange until the connection ends; then fail what is left on it."""
         why = "the node closed the link"
+        count = 0  # messages read
         try:
             async for message in self.ws:
                 if message.type != WSMsgType.BINARY:
                     continue
-                frame = mux.decode(message.data)
-                resp = self.exchanges.get(frame.xid)
-                if resp is None:
-                    continue  # closed on this side: frames already on their way are dropped
-                if frame.kind == mux.CANCEL:
-                    self.exchanges.pop(frame.xid, None)
-                    resp._fail(LinkLost(f"node {self.node.node_id} gave up the exchange"))
-                else:
-                    resp._feed(frame, self._buffer_limit)
+                count += 1
+                for frame in mux.decode(message.data):
+                    resp = self.exchanges.get(frame.xid)
+                    if resp is None:
+                        continue  # closed on this side: frames already on their way are dropped
+                    if frame.kind == mux.CANCEL:
+                        self.exchanges.pop(frame.xid, None)
+                        resp._fail(LinkLost(f"node {self.node.node_id} gave up the exchange"))
+                    else:
+                        resp._feed(frame, self._buffer_limit, count)
             if self.ws.exception() is not None:
                 why = repr(self.ws.exception())
         except mux.FrameError as exc:
             why = f"the node sent a bad frame ({exc})"
             log.error("link.bad_frame", extra={"node": self.node.node_id, "detail": str(exc)})
         finally:
+            self._writer.cancel()
             await self.ws.close()
             lost = LinkLost(f"lost the link to node {self.node.node_id}: {why}")
             for resp in list(self.exchanges.values()):
