@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl
 import httptools
 
 from gateway.app import MCP_PATH, TRANSPORT, Answer, Gateway, answer_mcp, body_late, too_large
+from gateway.link import LinkResponse
 from tether.errors import BadRequest, PayloadTooLarge, RequestTimeout, TetherError
 from tether.tasks import TaskSet
 
@@ -113,6 +114,9 @@ class _Message:
 
 class EdgeConnection(asyncio.Protocol):
     """One client connection: reads requests one at a time, answers each in a task it owns."""
+
+    __slots__ = ("edge", "limit", "parser", "buffer", "transport", "remote", "message", "remaining", "task",
+                 "timer", "drained", "keep_alive", "dropping", "reading", "lost")
 
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -319,41 +323,48 @@ class EdgeConnection(asyncio.Protocol):
     async def _answer(self, request: EdgeRequest, body: bytes, legacy: bool) -> None:
         gw = self.edge.gateway
         started = time.monotonic()
+        method = request.method
         sent = False
         try:
-            try:
-                principal = await gw.admit(request)
-            except TetherError as exc:
-                answer = Answer.error(exc)
-            else:
-                answer = await answer_mcp(gw, request, principal, body)
+            answer = await self._decide(request, body)
+            del request, body  # a stream may go on for hours: it keeps only what it needs
             sent = True
+            status = answer.status
             if answer.stream is None:
-                self._write(self._head(answer, len(answer.body)) + (b"" if request.method == "HEAD" else answer.body))
+                self._write(self._head(answer, len(answer.body)) + (b"" if method == "HEAD" else answer.body))
             else:
-                await self._stream(answer, legacy)
-            gw.metrics.observe(TRANSPORT, request.method, answer.status, time.monotonic() - started)
+                if legacy:
+                    self.keep_alive = False
+                stream, head = answer.stream, self._head(answer, -1 if legacy else None)
+                del answer
+                await self._stream(head, stream, legacy)
+            gw.metrics.observe(TRANSPORT, method, status, time.monotonic() - started)
         except Exception:
             log.exception("request.failed")
             self.keep_alive = False
             if not sent:
-                answer = Answer.error(TetherError("Internal Server Error: the gateway failed on this request"))
-                self._write(self._head(answer, len(answer.body)) + answer.body)
+                failed = Answer.error(TetherError("Internal Server Error: the gateway failed on this request"))
+                self._write(self._head(failed, len(failed.body)) + failed.body)
         finally:
             self.task = None
             self._next()
 
-    async def _stream(self, answer: Answer, legacy: bool) -> None:
+    async def _decide(self, request: EdgeRequest, body: bytes) -> Answer:
+        gw = self.edge.gateway
+        try:
+            principal = await gw.admit(request)
+        except TetherError as exc:
+            return Answer.error(exc)
+        return await answer_mcp(gw, request, principal, body)
+
+    async def _stream(self, head: bytes, stream: LinkResponse, legacy: bool) -> None:
         """Pipe a node's SSE stream to the client, in chunks (to the close, for an HTTP/1.0 client)."""
-        assert answer.stream is not None
-        if legacy:
-            self.keep_alive = False
         out = EdgeStream(self, chunked=not legacy)
         try:
-            self._write(self._head(answer, None if not legacy else -1))
-            await self.edge.gateway.pipe(answer.stream, out, TRANSPORT)
+            self._write(head)
+            await self.edge.gateway.pipe(stream, out, TRANSPORT)
         finally:
-            answer.stream.close()
+            stream.close()
         if not out.ended and not self.lost:
             if self.drained is not None and not self.drained.done():
                 self.keep_alive = False  # a client that stopped reading is not written to again
