@@ -160,7 +160,7 @@ class EdgeConnection(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()  # the client left: stop its work (closing a link response tells the node)
         if self.drained is not None and not self.drained.done():
-            self.drained.set_exception(ConnectionResetError("the client closed the connection"))
+            self.drained.set_result(None)  # a writer waiting on it finds the connection lost
 
     def pause_writing(self) -> None:
         if self.drained is None or self.drained.done():
@@ -383,7 +383,7 @@ class EdgeConnection(asyncio.Protocol):
             lines.append(f"Content-Length: {length}\r\n")
         lines.append(f"Date: {_date()}\r\n")
         lines.append("\r\n" if self.keep_alive else "Connection: close\r\n\r\n")
-        return "".join(lines).encode("latin-1")
+        return "".join(lines).encode("latin-1", "replace")
 
     def _next(self) -> None:
         """After an answer: wait for the next request on a kept-alive connection, or close."""
@@ -458,10 +458,11 @@ class EdgeConnection(asyncio.Protocol):
             self.transport.close()
 
     async def drain(self) -> None:
-        if self.lost:
-            raise ConnectionResetError("the client closed the connection")
+        """Wait while the client's socket is full. Raises ConnectionResetError once the client has gone."""
         if self.drained is not None and not self.drained.done():
             await self.drained
+        if self.lost:
+            raise ConnectionResetError("the client closed the connection")
 
 
 class EdgeStream:
