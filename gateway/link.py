@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -32,6 +33,9 @@ from tether.errors import Overloaded, UpstreamTimeout
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.gateway")
+
+
+IDLE_SLOTS = 16  # an idle stream's keep-alive is due on one of this many steps of its interval
 
 
 class LinkLost(Exception):
@@ -91,7 +95,10 @@ class LinkResponse(Arrivals):
                     silent_until = loop.time() + self._read_timeout
                 left = None if silent_until is None else silent_until - loop.time()
                 if idle is not None and (left is None or idle < left):
-                    if not await self._wait(idle):
+                    # Due on a grid of IDLE_SLOTS steps an interval: the pings of every stream that
+                    # falls due in the same step go out on one wake-up of the loop, not one each.
+                    now, step = loop.time(), idle / IDLE_SLOTS
+                    if not await self._wait(math.ceil((now + idle) / step) * step - now):
                         yield b""
                 elif not await self._wait(left):
                     raise TimeoutError
