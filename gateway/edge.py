@@ -260,7 +260,13 @@ class EdgeConnection(asyncio.Protocol):
         head = bytes(buf[:end + 4])
         del buf[:end + 4]
         self.message = m = _Message()
-        if not self._feed(head):
+        try:
+            if not self._feed(head):
+                return False
+        except httptools.HttpParserUpgrade:  # an upgrade the quick look above missed (odd case, CONNECT)
+            self.message = None
+            buf[:0] = head
+            self._hand_off()
             return False
         limit = self.edge.gateway.config.max_body_bytes
         if m.refusal is not None:

@@ -198,3 +198,10 @@ async def test_a_client_that_leaves_a_stream_frees_it(tether: TetherUp, sid: str
 
 async def _is(value: Callable[[], Awaitable[float]], expected: float) -> bool:
     return await value() == expected
+
+
+async def test_an_upgrade_in_any_letter_case_goes_to_aiohttp_and_is_answered(tether: TetherUp, sid: str) -> None:
+    async with wire(tether) as w:
+        w.send(post(sid, call_tool(10, "increment"), extra="Connection: Upgrade\r\nuPgRaDe: h2c\r\n"))
+        status, _, answer = await w.answer()
+        assert (status, result_text(answer)) == (200, "1")
