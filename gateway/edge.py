@@ -253,7 +253,7 @@ class EdgeConnection(asyncio.Protocol):
         first = buf.find(b"\r\n")
         parts = bytes(buf[:first]).split(b" ")
         path = parts[1].partition(b"?")[0] if len(parts) == 3 else b""
-        if path != _MCP or buf.find(b"pgrade:", 0, end) >= 0 or buf.find(b"PGRADE:", 0, end) >= 0:
+        if path != _MCP:
             self._hand_off()
             return False
         self._deadline(None)
@@ -263,7 +263,7 @@ class EdgeConnection(asyncio.Protocol):
         try:
             if not self._feed(head):
                 return False
-        except httptools.HttpParserUpgrade:  # an upgrade the quick look above missed (odd case, CONNECT)
+        except httptools.HttpParserUpgrade:  # llhttp's own verdict (Connection: upgrade, or CONNECT)
             self.message = None
             buf[:0] = head
             self._hand_off()
@@ -482,18 +482,20 @@ class EdgeStream:
         self.ended = False
 
     async def write(self, data: bytes) -> None:
-        if self.conn.lost:
-            raise ConnectionResetError("the client closed the connection")
-        if data:
-            self.conn._write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        await self.conn.drain()
+        await self._send(data, last=False)
 
     async def write_eof(self, data: bytes = b"") -> None:
-        if data:
-            await self.write(data)
-        if self.chunked:
-            self.conn._write(_LAST_CHUNK)
+        """The last bytes and the end of the body, in one write."""
+        await self._send(data, last=True)
         self.ended = True
+
+    async def _send(self, data: bytes, *, last: bool) -> None:
+        if self.conn.lost:
+            raise ConnectionResetError("the client closed the connection")
+        if self.chunked:
+            data = (b"%x\r\n%b\r\n" % (len(data), data) if data else b"") + (_LAST_CHUNK if last else b"")
+        if data:
+            self.conn._write(data)
         await self.conn.drain()
 
 
