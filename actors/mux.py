@@ -1,11 +1,11 @@
-"""The gateway-node link's frames: many exchanges multiplexed on one WebSocket.
+"""The gateway-node link's frames: many exchanges multiplexed on one connection.
 
-A gateway keeps a few long-lived WebSocket connections to each node, on the
-node's own port at `LINK_PATH` (with the internal secret), and runs every
-client request as an exchange on one of them. An idle client stream costs an
-entry in a table, not a connection. A binary message carries one or more frames
-(those a side sent in one turn of its event loop leave together: one write, one
-read for many exchanges), each:
+A gateway keeps a few long-lived connections to each node, on the node's own
+port (an HTTP/1.1 upgrade of `LINK_PATH` to `UPGRADE`, with the internal
+secret: see `actors.wire`), and runs every client request as an exchange on
+one of them. An idle client stream costs an entry in a table, not a
+connection. After the upgrade, each side sends frames back to back (those of
+one turn of its event loop leave in one write), each:
 
     kind (1 byte) | exchange id (4 bytes) | head length (4) | body length (4) | head (JSON) | body
 
@@ -14,6 +14,8 @@ read for many exchanges), each:
     DATA      node -> gateway   -                             body: more of the answer
     CANCEL    either way        -                             gateway: the client left, abandon it;
                                                               node: the exchange failed midway
+    PING      either way        exchange id 0                 are you there? (sent on a quiet link)
+    PONG      either way        exchange id 0                 the answer to a PING
 
 `FIN` on a RESPONSE or DATA frame says the answer ends with it, so a short
 answer is a single frame. This module only encodes and decodes; the gateway
@@ -31,10 +33,10 @@ import orjson
 from actors.internal import INTERNAL_PREFIX
 
 LINK_PATH = INTERNAL_PREFIX + "link"  # internal: it needs the secret
-HEARTBEAT = 10.0  # seconds between WebSocket pings on an idle link; no pong within half of it: the link is dead
-REQUEST, RESPONSE, DATA, CANCEL = 1, 2, 3, 4
+UPGRADE = "tether-link/1"  # the protocol the link's HTTP/1.1 upgrade switches to
+REQUEST, RESPONSE, DATA, CANCEL, PING, PONG = 1, 2, 3, 4, 5, 6
 FIN = 0x80
-_KINDS = frozenset({REQUEST, RESPONSE, DATA, CANCEL})
+_KINDS = frozenset({REQUEST, RESPONSE, DATA, CANCEL, PING, PONG})
 _PREFIX = struct.Struct("!BIII")
 
 
@@ -57,12 +59,22 @@ def encode(kind: int, xid: int, head: Any = None, body: bytes = b"", fin: bool =
 
 
 def decode(data: bytes) -> list[Frame]:
-    """The frames of one binary message, in order. Raises `FrameError`."""
+    """The frames of `data`, which ends where a frame ends. Raises `FrameError`."""
+    frames, used = decode_some(data)
+    if used != len(data):
+        left = len(data) - used
+        if left < _PREFIX.size:
+            raise FrameError(f"a frame of {left} bytes is shorter than its {_PREFIX.size}-byte prefix")
+        raise FrameError(f"a frame overruns the {len(data)} bytes it came in")
+    return frames
+
+
+def decode_some(data: bytes | bytearray | memoryview) -> tuple[list[Frame], int]:
+    """The whole frames at the start of a byte stream, in order, and how many bytes they took (what
+    follows is the start of a frame still coming). Raises `FrameError`."""
     frames = []
     at, total = 0, len(data)
-    while True:
-        if total - at < _PREFIX.size:
-            raise FrameError(f"a frame of {total - at} bytes is shorter than its {_PREFIX.size}-byte prefix")
+    while total - at >= _PREFIX.size:
         kind, xid, size, length = _PREFIX.unpack_from(data, at)
         fin, kind = bool(kind & FIN), kind & ~FIN
         if kind not in _KINDS:
@@ -70,17 +82,16 @@ def decode(data: bytes) -> list[Frame]:
         start = at + _PREFIX.size
         end = start + size + length
         if end > total:
-            raise FrameError(f"a frame of {size + length} bytes overruns its {total}-byte message")
+            break
         try:
             head = orjson.loads(data[start:start + size]) if size else None
         except orjson.JSONDecodeError as exc:
             raise FrameError(f"a frame head is not JSON ({exc})") from exc
         if kind in (REQUEST, RESPONSE) and not _valid_head(kind, head):
             raise FrameError(f"a {'request' if kind == REQUEST else 'response'} frame has a malformed head")
-        frames.append(Frame(kind, xid, fin, head, data[start + size:end]))
-        if end == total:
-            return frames
+        frames.append(Frame(kind, xid, fin, head, bytes(data[start + size:end])))
         at = end
+    return frames, at
 
 
 def _valid_head(kind: int, head: Any) -> bool:

@@ -1,6 +1,6 @@
 """A node's internal API: what gateways call over the authenticated, multiplexed link.
 
-Each exchange on the link (`actors.mux`) is a call on one session. POST
+Each exchange on the link (`actors.mux`, `actors.wire`) is a call on one session. POST
 creates a session (with the create header) or delivers client messages,
 answered as JSON, as an SSE stream, or (for a channel client: WebSocket or
 HTTP+SSE) with 202 and the answers on the channel; GET opens the session's
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from actors import mux
 from actors.events import EventId, StreamLog
@@ -48,11 +48,11 @@ from actors.mcp import (
     kind_of,
 )
 from actors.node import Declined, Node
-from actors.outbox import Outbox
 from actors.session import CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
 from actors.store.base import Store
+from actors.wire import Upgrades, Wire
 from tether.config import Config
 from tether.errors import (
     INTERNAL_ERROR,
@@ -102,10 +102,10 @@ class Reply:
     a short stream is one frame.
     """
 
-    __slots__ = ("_outbox", "xid", "_head", "started", "ended")
+    __slots__ = ("_wire", "xid", "_head", "started", "ended")
 
-    def __init__(self, outbox: Outbox, xid: int) -> None:
-        self._outbox = outbox
+    def __init__(self, wire: Wire, xid: int) -> None:
+        self._wire = wire
         self.xid = xid
         self._head: list[Any] | None = None
         self.started = False
@@ -125,14 +125,14 @@ class Reply:
         else:
             frame = mux.encode(mux.DATA, self.xid, None, chunk, fin)
         self.ended = fin
-        await self._outbox.put(frame)
+        await self._wire.put(frame)
 
     async def end(self, chunk: bytes = b"") -> None:
         await self.write(chunk, fin=True)
 
     async def cancel(self) -> None:
         self.ended = True
-        self._outbox.post(mux.encode(mux.CANCEL, self.xid))
+        self._wire.post(mux.encode(mux.CANCEL, self.xid))
 
 
 def _json(answer: object, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -276,49 +276,36 @@ async def delete_session(node: Node, call: Call, reply: Reply) -> None:
 _HANDLERS = {"POST": post_message, "GET": open_stream, "DELETE": delete_session}
 
 
-async def serve_link(request: web.Request) -> web.WebSocketResponse:
-    """GET /_tether/link (upgrade, with the secret): one gateway connection, its exchanges multiplexed.
+class NodeWire(Wire):
+    """One gateway's link connection: each REQUEST runs as its own task until it is answered; a CANCEL
+    from the gateway (its client left) cancels that task, as does the connection's end."""
 
-    Each REQUEST runs as its own task until it is answered; a CANCEL from the
-    gateway (its client left) cancels that task, as does the connection's end.
-    """
-    node = request.app[NODE_KEY]
-    # No size limit: only a gateway holding the secret gets here, and it checked every client body.
-    ws = web.WebSocketResponse(heartbeat=mux.HEARTBEAT, max_msg_size=0)
-    await ws.prepare(request)
-    exchanges = TaskSet(f"link-{request.remote}")
-    running: dict[int, asyncio.Task[None]] = {}
-    outbox = Outbox(ws.send_bytes)
-    writer = exchanges.spawn(_write(outbox, ws), "write")
-    try:
-        async for message in ws:
-            if message.type != WSMsgType.BINARY:
-                continue
-            for frame in mux.decode(message.data):
-                if frame.kind == mux.REQUEST:
-                    method, sid, headers = frame.head
-                    task = exchanges.spawn(_exchange(node, Call(method, sid, headers, frame.body),
-                                                     Reply(outbox, frame.xid), running), sid_tag(sid))
-                    running[frame.xid] = task
-                elif frame.kind == mux.CANCEL and frame.xid in running:
-                    running.pop(frame.xid).cancel()
-    except mux.FrameError as exc:
-        log.error("link.bad_frame", extra={"detail": str(exc)})
-    finally:
-        writer.cancel()
-        await exchanges.close(timeout=1.0)
-        await ws.close()
-    return ws
+    def __init__(self, node: Node, links: set[NodeWire]) -> None:
+        super().__init__()
+        self.node = node
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self._links = links
+        self._exchanges = TaskSet("link")
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._links.add(self)
 
-async def _write(outbox: Outbox, ws: web.WebSocketResponse) -> None:
-    """Send the link's outbox; a link that cannot be written to is closed, which ends its reader."""
-    try:
-        await outbox.run()
-    except ConnectionError as exc:
-        log.info("link.write_failed", extra={"detail": repr(exc)})
-    finally:
-        await ws.close()
+    def frame_received(self, frame: mux.Frame) -> None:
+        if frame.kind == mux.REQUEST:
+            method, sid, headers = frame.head
+            self.running[frame.xid] = self._exchanges.spawn(
+                _exchange(self.node, Call(method, sid, headers, frame.body), Reply(self, frame.xid), self.running),
+                sid_tag(sid))
+        elif frame.kind == mux.CANCEL and frame.xid in self.running:
+            self.running.pop(frame.xid).cancel()
+
+    def link_lost(self, why: str) -> None:
+        log.info("link.closed", extra={"detail": why})
+        self._links.discard(self)
+        for task in self.running.values():
+            task.cancel()
+        self.running.clear()
 
 
 async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None]]) -> None:
@@ -392,7 +379,6 @@ def build_node_app(node: Node) -> web.Application:
     app.router.add_post("/admin/drain", admin_drain)
     app.router.add_get("/admin/drain", drain_status)
     app[NODE_KEY] = node
-    app.router.add_get(mux.LINK_PATH, serve_link)
     app.add_routes(health_routes(node.metrics.registry, node.ready))
     return app
 
@@ -411,13 +397,21 @@ async def serve_node(config: Config, store: Store, argv: list[str],
     runner = web.AppRunner(build_node_app(node), access_log=None, handle_signals=False,
                            shutdown_timeout=1.0, handler_cancellation=True)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    assert runner.server is not None  # set up above
+    links: set[NodeWire] = set()
+    fallback = runner.server
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Upgrades(config.internal_secret, lambda: NodeWire(node, links), fallback,
+                         config.client_header_timeout), sock=sock)
     node.start_loops()
     log.info("node.started", extra={"node": node.node_id, "url": node.url})
     try:
         yield node
     finally:
         await node.shutdown()
+        server.close()
+        for link in list(links):
+            link.close()
         await runner.cleanup()
         log.info("node.stopped", extra={"node": node.node_id})
 

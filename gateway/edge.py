@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 
 import httptools
 
+from actors.wire import hand_over
 from gateway.app import MCP_PATH, TRANSPORT, Answer, Gateway, answer_mcp, body_late, too_large
 from gateway.link import LinkResponse
 from tether.errors import BadRequest, PayloadTooLarge, RequestTimeout, TetherError
@@ -433,12 +434,7 @@ class EdgeConnection(asyncio.Protocol):
         data = bytes(self.buffer)
         self.buffer.clear()
         self.lost = True  # to this protocol, the connection is gone
-        handler = self.edge.fallback()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if not self.reading:
-            transport.resume_reading()
-        handler.data_received(data)
+        hand_over(transport, self.edge.fallback(), data, self.reading)
 
     # -- I/O helpers ------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
-"""The gateway's link to actor nodes: every client request an exchange on a shared WebSocket.
+"""The gateway's link to actor nodes: every client request an exchange on a shared connection.
 
-Each node gets a small pool of long-lived, authenticated WebSocket connections
-(`link_connections`), opened on first use and shared by all requests: an idle
-client stream costs the gateway a table entry, not a connection or a file. The
-frames are `actors.mux`'s. A reader task per connection hands each frame to its
-exchange's `LinkResponse`, without ever waiting on a client, so a slow client
+Each node gets a small pool of long-lived, authenticated link connections
+(`link_connections`, `actors.wire`), opened on first use and shared by all
+requests: an idle client stream costs the gateway a table entry, not a
+connection or a file. The frames are `actors.mux`'s. Each connection hands
+each frame to its exchange's `LinkResponse` as it is read, without ever
+waiting on a client, so a slow client
 cannot hold up the others on its connection: its stream is buffered up to
 `stream_buffer_bytes`, then cut (it resumes from the node's event log).
 
@@ -19,16 +20,13 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
-
-import aiohttp
-from aiohttp import WSMsgType
+from collections.abc import AsyncIterator, Callable, Mapping
+from urllib.parse import urlsplit
 
 from actors import mux
-from actors.internal import SECRET_HEADER
-from actors.outbox import Outbox
 from actors.store.base import NodeRecord
 from actors.waiting import Arrivals
+from actors.wire import LinkRefused, Wire, connect
 from tether.errors import Overloaded, UpstreamTimeout
 from tether.tasks import TaskSet
 
@@ -150,73 +148,48 @@ class LinkResponse(Arrivals):
             self._wake()  # a head without a body yet
 
 
-class _Connection:
-    """One WebSocket to a node and the exchanges running on it."""
+class _Connection(Wire):
+    """One link connection to a node and the exchanges running on it. Each frame is handed to its
+    exchange as it is read; nothing here waits on a client."""
 
-    def __init__(self, node: NodeRecord, ws: aiohttp.ClientWebSocketResponse, buffer_limit: int,
-                 tasks: TaskSet) -> None:
+    def __init__(self, node: NodeRecord, buffer_limit: int, on_lost: Callable[[_Connection], None]) -> None:
+        super().__init__()
         self.node = node
-        self.ws = ws
         self.exchanges: dict[int, LinkResponse] = {}
-        self.outbox = Outbox(ws.send_bytes)
         self._buffer_limit = buffer_limit
+        self._on_lost = on_lost
         self._ids = itertools.count(1)
-        self._writer = tasks.spawn(self._write(), f"write-{node.node_id}")
 
     async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
                     read_timeout: float | None) -> LinkResponse:
         xid = next(self._ids) & 0xFFFFFFFF
-        while xid in self.exchanges:  # after 2**32 exchanges the ids wrap; a stream may still hold one
+        while xid in self.exchanges or xid == 0:  # after 2**32 exchanges the ids wrap; a stream may hold one
             xid = next(self._ids) & 0xFFFFFFFF
         resp = LinkResponse(self, xid, read_timeout)
         self.exchanges[xid] = resp
-        await self.outbox.put(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+        await self.put(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
         return resp
 
     def cancel(self, xid: int) -> None:
         with contextlib.suppress(ConnectionError):  # a link that is going cancels everything on it anyway
-            self.outbox.post(mux.encode(mux.CANCEL, xid))
+            self.post(mux.encode(mux.CANCEL, xid))
 
-    async def _write(self) -> None:
-        """Send the outbox until the link fails; a link that cannot be written to is closed, which
-        ends `run` and fails the exchanges on it."""
-        try:
-            await self.outbox.run()
-        except ConnectionError as exc:
-            log.info("link.write_failed", extra={"node": self.node.node_id, "detail": repr(exc)})
-        finally:
-            await self.ws.close()
+    def frame_received(self, frame: mux.Frame) -> None:
+        resp = self.exchanges.get(frame.xid)
+        if resp is None:
+            return  # closed on this side: frames already on their way are dropped
+        if frame.kind == mux.CANCEL:
+            self.exchanges.pop(frame.xid, None)
+            resp._fail(LinkLost(f"node {self.node.node_id} gave up the exchange"))
+        else:
+            resp._feed(frame, self._buffer_limit, self.reads)
 
-    async def run(self) -> None:
-        """Hand each frame to its exchange until the connection ends; then fail what is left on it."""
-        why = "the node closed the link"
-        count = 0  # messages read
-        try:
-            async for message in self.ws:
-                if message.type != WSMsgType.BINARY:
-                    continue
-                count += 1
-                for frame in mux.decode(message.data):
-                    resp = self.exchanges.get(frame.xid)
-                    if resp is None:
-                        continue  # closed on this side: frames already on their way are dropped
-                    if frame.kind == mux.CANCEL:
-                        self.exchanges.pop(frame.xid, None)
-                        resp._fail(LinkLost(f"node {self.node.node_id} gave up the exchange"))
-                    else:
-                        resp._feed(frame, self._buffer_limit, count)
-            if self.ws.exception() is not None:
-                why = repr(self.ws.exception())
-        except mux.FrameError as exc:
-            why = f"the node sent a bad frame ({exc})"
-            log.error("link.bad_frame", extra={"node": self.node.node_id, "detail": str(exc)})
-        finally:
-            self._writer.cancel()
-            await self.ws.close()
-            lost = LinkLost(f"lost the link to node {self.node.node_id}: {why}")
-            for resp in list(self.exchanges.values()):
-                resp._fail(lost)
-            self.exchanges.clear()
+    def link_lost(self, why: str) -> None:
+        lost = LinkLost(f"lost the link to node {self.node.node_id}: {why}")
+        exchanges, self.exchanges = self.exchanges, {}
+        for resp in exchanges.values():
+            resp._fail(lost)
+        self._on_lost(self)
 
 
 class NodeLink:
@@ -226,7 +199,6 @@ class NodeLink:
         self._size = connections
         self._buffer_limit = buffer_limit
         self._connect_timeout = connect_timeout
-        self._session: aiohttp.ClientSession | None = None
         self._pools: dict[str, list[_Connection]] = {}
         self._opening: dict[str, asyncio.Task[_Connection | Overloaded]] = {}
         self._tasks = TaskSet("link")
@@ -280,22 +252,16 @@ class NodeLink:
     async def _open(self, node: NodeRecord, pool: list[_Connection]) -> _Connection | Overloaded:
         """A new connection in `pool`, or why there is none. The refusal is returned, not raised: it is
         the answer of every request waiting on this attempt, not a crash of the task making it."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout))
+        url = urlsplit(node.url)
         try:
-            # No size limit: a node's answers are as large as its upstream's; the node is trusted.
-            ws = await self._session.ws_connect(node.url + mux.LINK_PATH, headers={SECRET_HEADER: self._secret},
-                                                heartbeat=mux.HEARTBEAT, max_msg_size=0, autoclose=True)
-        except aiohttp.WSServerHandshakeError as exc:
-            return self._refused(node, f"refused the link (HTTP {exc.status}"
+            conn = await connect(lambda: _Connection(node, self._buffer_limit, lambda c: self._lost(c, pool)),
+                                 url.hostname or "", url.port or 80, self._secret, self._connect_timeout)
+        except LinkRefused as exc:
+            return self._refused(node, f"refused the link ({exc}"
                                        f"{': check internal_secret' if exc.status == 401 else ''})")
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             return self._refused(node, f"cannot be reached ({exc!r})")
-        conn = _Connection(node, ws, self._buffer_limit, self._tasks)
         pool.append(conn)
-        self._tasks.spawn(self._serve(conn, pool), f"read-{node.node_id}")
         log.info("link.opened", extra={"node": node.node_id, "count": len(pool)})
         return conn
 
@@ -304,19 +270,14 @@ class NodeLink:
         log.info("link.open_failed", extra={"node": node.node_id, "detail": why})
         return Overloaded(f"Service Unavailable: node {node.node_id} {why}", retry_after=1.0)
 
-    async def _serve(self, conn: _Connection, pool: list[_Connection]) -> None:
-        try:
-            await conn.run()
-        finally:
-            with contextlib.suppress(ValueError):
-                pool.remove(conn)
-            log.info("link.closed", extra={"node": conn.node.node_id, "count": len(pool)})
+    @staticmethod
+    def _lost(conn: _Connection, pool: list[_Connection]) -> None:
+        with contextlib.suppress(ValueError):
+            pool.remove(conn)
+        log.info("link.closed", extra={"node": conn.node.node_id, "count": len(pool)})
 
     async def close(self) -> None:
         for pool in self._pools.values():
             for conn in list(pool):
-                await conn.ws.close()
+                conn.close()
         await self._tasks.close(timeout=2.0)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
