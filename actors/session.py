@@ -31,7 +31,7 @@ from actors.mcp import (
     route_upstream,
 )
 from actors.store.base import OwnershipRecord
-from actors.upstream import Upstream
+from actors.upstream import Inbound, Upstream
 from actors.waiting import Broadcast, Inbox, Latch
 from tether.errors import CONNECTION_CLOSED, REQUEST_TIMEOUT, BadRequest, Conflict, Overloaded, UpstreamError
 from tether.logs import sid_tag
@@ -81,6 +81,7 @@ class SessionActor:
         self._timers: dict[RequestId, asyncio.TimerHandle] = {}
         self._changed = Broadcast()  # notified whenever any stream gets an event
         self._initialized_sent = False
+        self._writer_idle = False  # the writer waits on an empty mailbox: a message may go straight out
         self._closing = False
         self._done = Latch()
         self._on_exit = on_exit
@@ -99,6 +100,7 @@ class SessionActor:
         return bool(self.pending) or any(s.reader is not None for s in self.log.streams.values())
 
     def start(self) -> None:
+        self.upstream.deliver_to(self._take)
         self._tasks.spawn(self._read_upstream(), "read")
         self._tasks.spawn(self._write_upstream(), "write")
         self._tasks.spawn(self.upstream.background(), "upstream")
@@ -126,7 +128,9 @@ class SessionActor:
         for request in requests:
             self._expect(request, stream or self.log.get_stream())
         for message in messages:
-            self.mailbox.put(message)
+            # With nothing queued before it, a message the upstream takes at once skips the writer.
+            if not (self._writer_idle and not self.mailbox and self.upstream.send_now(message)):
+                self.mailbox.put(message)
         self._initialized_sent = self._initialized_sent or initialized  # only once it is really queued
         return None if mode == CHANNEL else stream
 
@@ -207,6 +211,9 @@ class SessionActor:
                     stream.delivered = max(stream.delivered, seq)  # the reader came back: it was written
                 if (stream.finished or self._closing) and seq >= stream.last_seq:
                     return
+                if keepalive is None:
+                    await self._changed.wait()
+                    continue
                 try:
                     async with asyncio.timeout(keepalive):
                         await self._changed.wait()
@@ -230,7 +237,9 @@ class SessionActor:
 
     async def _write_upstream(self) -> None:
         while True:
+            self._writer_idle = True
             message = await self.mailbox.get()
+            self._writer_idle = False
             try:
                 await self.upstream.send(message)
             except Exception as exc:  # whatever it was, nothing more can reach the server: end the session
@@ -249,10 +258,13 @@ class SessionActor:
             if inbound is None:
                 self._exit("upstream_exit")
                 return
-            message, related = inbound
-            for item in message if isinstance(message, list) else [message]:
-                if isinstance(item, dict):
-                    self.deliver(item, related)
+            self._take(inbound)
+
+    def _take(self, inbound: Inbound) -> None:
+        message, related = inbound
+        for item in message if isinstance(message, list) else [message]:
+            if isinstance(item, dict):
+                self.deliver(item, related)
 
     def deliver(self, message: Message, related: RequestId | None = None) -> None:
         """Put one upstream message on exactly one client stream."""
@@ -319,6 +331,7 @@ class SessionActor:
         for request_id in list(self.pending):
             self.deliver(error_response(request_id, CONNECTION_CLOSED, f"Session ended: {self.ended}"))
         self._closing = True
+        self._writer_idle = False  # nothing more goes to the upstream
         self._notify()  # readers see the session is over once they have what is left
         for timer in self._timers.values():
             timer.cancel()

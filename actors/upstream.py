@@ -24,7 +24,7 @@ import resource
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,8 +58,16 @@ class Upstream(Protocol):
     async def send(self, message: Mapping[str, Any]) -> None:
         """Deliver one client message. Raises `UpstreamError` when the server is gone."""
 
+    def send_now(self, message: Mapping[str, Any]) -> bool:
+        """Deliver one client message without waiting, if that can be done now; False if it must go
+        through `send`. Called only when no earlier message is still being sent."""
+
     async def receive(self) -> Inbound | None:
         """The next server message, or None when the server has gone. Raises `UpstreamError`."""
+
+    def deliver_to(self, sink: Callable[[Inbound], None]) -> bool:
+        """Hand each server message to `sink` as it comes, from now on, if this upstream can; False if
+        the actor must read them with `receive`. Either way `receive` still reports the end (None)."""
 
     async def background(self) -> None:
         """Work that runs as long as the session (stderr draining, the server's GET stream)."""
@@ -192,6 +200,20 @@ class StdioUpstream:
                 await stdin.drain()
             except (ConnectionError, RuntimeError) as exc:
                 raise UpstreamError("Cannot write to upstream: it has exited") from exc
+
+    def send_now(self, message: Mapping[str, Any]) -> bool:
+        """Write one message if the pipe takes it at once (it is not full, the process has not exited)."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        transport = stdin.transport
+        if self._write_lock.locked() or transport.is_closing() \
+                or transport.get_write_buffer_size() > 0:  # full, or filling: `send` waits for it to drain
+            return False
+        stdin.write(orjson.dumps(message) + b"\n")
+        return True
+
+    def deliver_to(self, sink: Callable[[Inbound], None]) -> bool:
+        return False  # lines are read by the actor's reader, which waits on the pipe anyway
 
     async def receive(self) -> Inbound | None:
         """The next JSON-RPC message, or None at end of output. Lines that are not JSON are logged."""

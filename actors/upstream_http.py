@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urljoin
 
@@ -55,6 +55,7 @@ class _HttpUpstream:
         self._max = max_message_bytes
         self._request_timeout = request_timeout
         self._inbox: Inbox[Inbound | None] = Inbox()
+        self._sink: Callable[[Inbound], None] = self._inbox.put
         self._tasks = TaskSet(f"upstream-{url}")
 
     @property
@@ -64,6 +65,10 @@ class _HttpUpstream:
     async def receive(self) -> Inbound | None:
         return await self._inbox.get()
 
+    def deliver_to(self, sink: Callable[[Inbound], None]) -> bool:
+        self._sink = sink  # an answer reaches its client's stream from the task that read it
+        return True
+
     def _gone(self, why: str) -> None:
         log.warning("upstream.gone", extra={"detail": f"{self.url}: {why}"})
         self._inbox.put(None)
@@ -71,7 +76,7 @@ class _HttpUpstream:
     def _fail(self, message: Mapping[str, Any], why: str) -> None:
         """A request the server will never answer gets an error answer, so the client is not left waiting."""
         if "method" in message and "id" in message:
-            self._inbox.put((error_response(message["id"], INTERNAL_ERROR, why), message["id"]))
+            self._sink((error_response(message["id"], INTERNAL_ERROR, why), message["id"]))
         else:
             log.warning("upstream.message_refused", extra={"detail": f"{self.url}: {why}"})
 
@@ -92,7 +97,7 @@ class _HttpUpstream:
                     log.warning("upstream.not_json", extra={"detail": found.data[:200]})
                     continue
                 self._seen(message)
-                self._inbox.put((message, related))
+                self._sink((message, related))
                 if until is not None and isinstance(message, dict) and "method" not in message \
                         and message.get("id") == until:
                     return True
@@ -131,7 +136,14 @@ class StreamableHttpUpstream(_HttpUpstream):
             if message.get("method") == "notifications/initialized":
                 self._initialized.set()
         else:
-            self._tasks.spawn(self._post(message), f"post-{message['id']}")
+            self.send_now(message)
+
+    def send_now(self, message: Mapping[str, Any]) -> bool:
+        """A request (but initialize) is posted by a task of its own: it waits for nothing before it."""
+        if "id" not in message or "method" not in message or message["method"] == "initialize":
+            return False
+        self._tasks.spawn(self._post(message), "post")
+        return True
 
     async def _post(self, message: Mapping[str, Any]) -> None:
         request_id = message.get("id") if "method" in message else None
@@ -171,7 +183,7 @@ class StreamableHttpUpstream(_HttpUpstream):
             self._fail(message, "Upstream answered with a body that is not JSON")
             return
         self._seen(answer)
-        self._inbox.put((answer, request_id))
+        self._sink((answer, request_id))
 
     def _seen(self, answer: object) -> None:
         """The initialize answer names the revision every later request must carry."""
@@ -199,8 +211,8 @@ class StreamableHttpUpstream(_HttpUpstream):
                     if again.status == 200 and await self._events(again, parser, request_id, until=request_id):
                         return
         if request_id is not None:
-            self._inbox.put((error_response(request_id, INTERNAL_ERROR,
-                                                   "Upstream stream ended before the answer"), request_id))
+            self._sink((error_response(request_id, INTERNAL_ERROR, "Upstream stream ended before the answer"),
+                        request_id))
 
     async def background(self) -> None:
         """Hold the server's GET stream open from `initialized` to the end; resume it when it drops."""
@@ -270,12 +282,15 @@ class SseUpstream(_HttpUpstream):
             return
         self._gone("its stream ended (HTTP+SSE sessions cannot be resumed)")
 
+    def send_now(self, message: Mapping[str, Any]) -> bool:
+        return False  # a POST waits for the endpoint the stream names
+
     def _on_event(self, name: str, data: str) -> None:
         if name == "endpoint" and not self._endpoint.done():
             self._endpoint.set_result(urljoin(self.url, data.strip()))
         elif name == "message" and data:
             try:
-                self._inbox.put((orjson.loads(data), None))
+                self._sink((orjson.loads(data), None))
             except orjson.JSONDecodeError:
                 log.warning("upstream.not_json", extra={"detail": data[:200]})
 
