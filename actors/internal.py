@@ -27,5 +27,5 @@ def authorized(headers: Mapping[str, str], secret: str) -> bool:
     given = headers.get(SECRET_HEADER, "")
     return bool(secret) and hmac.compare_digest(given.encode(), secret.encode())
 
-RESPONSE_HEADER = "X-Tether-Response"  # "sse", "json" or "channel": how the client takes its answers
+RESPONSE_HEADER = "X-Tether-Response"  # "sse", "json", "auto" or "channel": how the client takes its answers
 BATCH_HEADER = "X-Tether-Batch"  # "1" when the client sent a JSON-RPC batch

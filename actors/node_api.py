@@ -48,7 +48,7 @@ from actors.mcp import (
     kind_of,
 )
 from actors.node import Declined, Node
-from actors.session import CHANNEL, JSON, MODES, SSE, SessionActor
+from actors.session import AUTO, CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
 from actors.store.base import Store
@@ -158,8 +158,9 @@ async def post_message(node: Node, call: Call, reply: Reply) -> None:
         return await reply.answer(202)
     started = node.clock()
     try:
-        if mode == SSE:
-            return await _stream(node, call, actor, stream, 0, reply)
+        if mode != JSON:
+            return await _stream(node, call, actor, stream, 0, reply,
+                                 whole=mode == AUTO and not call.headers.get(BATCH_HEADER))
         answers = await _collect(node, actor, stream)
         await reply.answer(*_json(answers if call.headers.get(BATCH_HEADER) else answers[0]))
     finally:
@@ -217,8 +218,9 @@ async def _collect(node: Node, actor: SessionActor, stream: StreamLog) -> list[M
 
 
 async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog, after: int,
-                  reply: Reply) -> None:
-    """Serve `stream` as SSE from seq `after`: replay, then live, with event ids.
+                  reply: Reply, whole: bool = False) -> None:
+    """Serve `stream` as SSE from seq `after`: replay, then live, with event ids. With `whole`, an answer
+    that comes first and ends the stream is sent as a JSON body instead: there is nothing to resume.
 
     The gateway pings its client when a stream is quiet, so an idle GET stream
     costs the node nothing. A POST's stream is pinged here too, every
@@ -230,29 +232,45 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
     reply.stream(200, SSE_HEADERS)  # the head goes out with the first write
     # A POST's priming event leaves with its first event, and its last event with the end of the
     # answer: its whole answer is one frame, not three. A GET stream starts at once: its client waits.
-    pending = b""
-    if call.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE:
-        pending = priming(EventId(stream.stream, after), round(node.config.stream_retry * 1000))
-    node.metrics.streams_open.inc()
+    primed = call.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE  # a priming event is owed
+    counted = not whole and _count_stream(node)  # in the streams-open gauge (a whole answer never is)
     try:
         if call.method == "GET":
-            await reply.write(pending)
-            pending = b""
+            await reply.write(_priming(node, stream, after) if primed else b"")
+            primed = False
         keepalive = None if call.method == "GET" else node.config.keepalive_interval
         async with contextlib.aclosing(actor.read(stream, after, keepalive)) as items:
             async for item in items:
-                chunk = pending + (PING if item is None else event(item[1], event_id=item[0]))
-                pending = b""
-                if item is not None and stream.finished and item[0].seq >= stream.last_seq:
+                last = item is not None and stream.finished and item[0].seq >= stream.last_seq
+                if whole and last and item is not None:
+                    await reply.answer(*_json(item[1]))
+                    actor.forget(stream)
+                    return
+                if not counted:  # something came before the answer, or a ping: it is a stream now
+                    whole, counted = False, _count_stream(node)
+                chunk = PING if item is None else event(item[1], event_id=item[0])
+                if primed:
+                    chunk, primed = _priming(node, stream, after) + chunk, False
+                if last and item is not None:
                     await reply.end(chunk)
                     stream.delivered = max(stream.delivered, item[0].seq)  # read() is closed before it can
                     return
                 await reply.write(chunk)
-        await reply.end(pending)
+        await reply.end(_priming(node, stream, after) if primed else b"")
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
     finally:
-        node.metrics.streams_open.dec()
+        if counted:
+            node.metrics.streams_open.dec()
+
+
+def _count_stream(node: Node) -> bool:
+    node.metrics.streams_open.inc()
+    return True
+
+
+def _priming(node: Node, stream: StreamLog, after: int) -> bytes:
+    return priming(EventId(stream.stream, after), round(node.config.stream_retry * 1000))
 
 
 async def open_stream(node: Node, call: Call, reply: Reply) -> None:

@@ -39,10 +39,11 @@ from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.node")
 
-# How a client takes its answers: a JSON body, an SSE stream per POST, or one channel
-# (a WebSocket or an HTTP+SSE client) that carries every message of the session.
-JSON, SSE, CHANNEL = "json", "sse", "channel"
-MODES = (JSON, SSE, CHANNEL)
+# How a client takes its answers: a JSON body, an SSE stream per POST, either (AUTO: JSON when the
+# answer is all there is, else SSE), or one channel (a WebSocket or an HTTP+SSE client) that carries
+# every message of the session.
+JSON, SSE, AUTO, CHANNEL = "json", "sse", "auto", "channel"
+MODES = (JSON, SSE, AUTO, CHANNEL)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class SessionActor:
         if mode == CHANNEL:
             self.channel = True
             return self.log.get_stream()
-        return self.log.open(logged=mode == SSE)  # a JSON answer is never replayed, so never logged
+        return self.log.open(logged=mode != JSON)  # a JSON answer is never replayed, so never logged
 
     def _expect(self, request: Message, stream: StreamLog) -> None:
         request_id = request["id"]
@@ -342,4 +343,4 @@ class SessionActor:
         self._done.set()
 
 
-__all__ = ["CHANNEL", "JSON", "MODES", "SSE", "ActorLimits", "SessionActor"]
+__all__ = ["AUTO", "CHANNEL", "JSON", "MODES", "SSE", "ActorLimits", "SessionActor"]

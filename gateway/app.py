@@ -281,7 +281,7 @@ class Gateway:
         config = self.config
         if method == "GET":
             return None
-        if (headers or {}).get(RESPONSE_HEADER) == "sse":  # the node pings a POST's stream while it waits
+        if (headers or {}).get(RESPONSE_HEADER) in ("sse", "auto"):  # the node pings a POST's stream while it waits
             return 3 * config.keepalive_interval + LINK_SLACK
         if method == "DELETE":
             return config.kill_grace + LINK_SLACK

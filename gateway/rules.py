@@ -78,12 +78,15 @@ def check_json_body(content_type: str | None) -> None:
 
 
 def post_answer_mode(content_type: str | None, accept: str | None, preferred: str) -> str:
-    """'sse' or 'json' for a POST. Raises `UnsupportedMediaType` (415) or `NotAcceptable` (406)."""
+    """'sse', 'json' or 'auto' (the node picks, answer by answer) for a POST. Raises
+    `UnsupportedMediaType` (415) or `NotAcceptable` (406)."""
     check_json_body(content_type)
     json_ok, sse_ok = accepted(accept)
     if not (json_ok or sse_ok):
         raise NotAcceptable(f"Not Acceptable: Accept must include {JSON} and {SSE}")
-    if sse_ok and (preferred == "sse" or not json_ok):
+    if json_ok and sse_ok and preferred == "auto":
+        return "auto"
+    if sse_ok and (preferred != "json" or not json_ok):
         return "sse"
     return "json"
 

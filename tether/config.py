@@ -131,8 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
        "without a store lookup; every gateway needs the same one; empty: untagged ids", EDGE),
     _s("allowed_origins", list, "Origin values allowed to call the gateway (else 403); '*' allows any",
        EDGE),
-    _s("response_mode", str, "answer POSTs as 'sse' or 'json' when the client accepts both", EDGE,
-       choices=("sse", "json")),
+    _s("response_mode", str, "answer POSTs as 'sse' or 'json' when the client accepts both; 'auto': JSON when "
+       "the answer is ready with nothing before it, an SSE stream when the server sends anything first or "
+       "is still working at the first keep-alive", EDGE, choices=("auto", "sse", "json")),
     _s("affinity_key", str, "key-affinity mode: name sessions by header:NAME, cookie:NAME, query:NAME or "
        "json:/POINTER; requests with the same name share one session; empty: off", EDGE),
     _s("route_cache_size", int, "session routes a gateway caches", EDGE, minimum=1),
@@ -209,7 +210,7 @@ class Config:
     allowed_origins: tuple[str, ...] = field(
         default=("http://localhost", "http://127.0.0.1", "http://[::1]",
                  "https://localhost", "https://127.0.0.1", "https://[::1]"))
-    response_mode: str = "sse"
+    response_mode: str = "auto"
     affinity_key: str = ""
     route_cache_size: int = 100_000
     membership_refresh: float = 0.5

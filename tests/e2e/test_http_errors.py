@@ -7,8 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
+from actors.sse import Parser
 from tests.conftest import BODY_LIMIT
-from tests.support import RawClient, initialize_message
+from tests.support import ACCEPT_BOTH, RawClient, call_tool, initialize_message
 
 LIST = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
 UNKNOWN_SID = "A" * 32  # the shape of an id Tether mints, but never minted
@@ -152,6 +153,22 @@ async def test_answer_is_json_or_sse_as_the_client_accepts(raw: RawClient) -> No
     status, headers, body = await raw.post(LIST, sid=sid, accept="application/json")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert orjson.loads(body)["id"] == 7
-    status, headers, body = await raw.post(LIST, sid=sid, accept="application/json, text/event-stream")
+    status, headers, body = await raw.post(LIST, sid=sid, accept="text/event-stream")
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     assert b"event: message" in body and b'"id":7' in body
+
+
+async def test_with_both_accepted_an_answer_alone_is_json_and_one_after_progress_is_a_stream(raw: RawClient) -> None:
+    # response_mode "auto", the default: nothing to resume in an answer that is all there is.
+    sid = await raw.initialize()
+    status, headers, body = await raw.post(LIST, sid=sid, accept=ACCEPT_BOTH)
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(body)["id"] == 7
+    counting = call_tool(8, "count_slowly", {"steps": 2})
+    counting["params"]["_meta"] = {"progressToken": "p8"}
+    status, headers, body = await raw.post(counting, sid=sid, accept=ACCEPT_BOTH)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = [e for e in Parser().feed(body) if e.data]
+    assert [orjson.loads(e.data).get("method") for e in events] == [
+        "notifications/progress", "notifications/progress", None]
+    assert orjson.loads(events[-1].data)["id"] == 8 and all(e.id for e in events)  # ids: it resumes

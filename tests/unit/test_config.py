@@ -34,7 +34,7 @@ def test_lists_from_file_and_environment() -> None:
     ({"flags": {"idle_timeout": "soon"}}, "idle_timeout (from --idle-timeout): got 'soon', expected a number"),
     ({"env": {"TETHER_PORT": "eighty"}}, "port (from TETHER_PORT): got 'eighty', expected a whole number"),
     ({"toml": {"nodes": 0}}, "nodes (from config file): got 0, expected a value >= 1"),
-    ({"toml": {"response_mode": "xml"}}, "expected one of sse, json"),
+    ({"toml": {"response_mode": "xml"}}, "expected one of auto, sse, json"),
     ({"toml": {"idle_timout": 5}}, "idle_timout (from config file): no such setting"),
     ({"flags": {"upstream_command": "python 'unclosed"}}, "expected a shell-quoted command line"),
     ({"toml": {"idle_timeout": float("nan")}}, "expected a number of seconds"),

@@ -43,6 +43,9 @@ def test_wildcard_allows_any_origin() -> None:
 
 
 @pytest.mark.parametrize("accept, preferred, mode", [
+    ("application/json, text/event-stream", "auto", "auto"),
+    ("application/json", "auto", "json"),
+    ("text/event-stream", "auto", "sse"),
     ("application/json, text/event-stream", "sse", "sse"),
     ("application/json, text/event-stream", "json", "json"),
     ("application/json", "sse", "json"),
