@@ -212,13 +212,7 @@ class SessionActor:
                     stream.delivered = max(stream.delivered, seq)  # the reader came back: it was written
                 if (stream.finished or self._closing) and seq >= stream.last_seq:
                     return
-                if keepalive is None:
-                    await self._changed.wait()
-                    continue
-                try:
-                    async with asyncio.timeout(keepalive):
-                        await self._changed.wait()
-                except TimeoutError:
+                if not await self._changed.wait(keepalive):
                     yield None
         finally:
             if stream.reader is me:

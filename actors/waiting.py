@@ -66,18 +66,26 @@ class Broadcast:
     __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future[None]] | None = None
+        self._waiters: list[asyncio.Future[bool]] | None = None
 
-    async def wait(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the next `notify`: True; False if `timeout` passed first. The timeout is a plain
+        timer that answers the waiter (as in `Arrivals._wait`), not `asyncio.timeout`."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
         if self._waiters is None:
             self._waiters = [waiter]
         else:
             self._waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _answer, waiter, False)
+        notified = False
         try:
-            await waiter
+            notified = await waiter
+            return notified
         finally:
-            if not waiter.done() or waiter.cancelled():  # left early: it must not be kept until the next notify
+            if timer is not None:
+                timer.cancel()
+            if not notified:  # left early, or timed out: it must not be kept until the next notify
                 waiters = self._waiters
                 if waiters is not None and waiter in waiters:
                     waiters.remove(waiter)
@@ -86,7 +94,7 @@ class Broadcast:
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
 
 
 class Latch:

@@ -72,6 +72,18 @@ async def test_a_broadcast_wakes_every_waiter_and_forgets_those_that_left(tasks:
     await asyncio.wait_for(late, 1)
 
 
+async def test_a_broadcast_wait_that_times_out_says_so_and_is_forgotten(tasks: TaskSet) -> None:
+    changes = Broadcast()
+    staying = tasks.spawn(changes.wait(), "waiter")
+    assert await changes.wait(0.01) is False  # nothing came: the keep-alive case
+    assert changes._waiters is not None and len(changes._waiters) == 1  # only the one still waiting
+    waiting = tasks.spawn(changes.wait(30), "waiter")
+    await asyncio.sleep(0)
+    changes.notify()
+    assert await asyncio.wait_for(waiting, 1) is True
+    assert await asyncio.wait_for(staying, 1) is True
+
+
 async def test_a_latch_stays_set_and_one_waiter_leaving_does_not_cancel_the_others(tasks: TaskSet) -> None:
     latch = Latch()
     staying = tasks.spawn(latch.wait(), "waiter")
