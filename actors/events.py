@@ -59,11 +59,15 @@ class EventId:
 class StreamLog:
     """One stream's events that are still in the log, and how far it has got."""
 
-    __slots__ = ("stream", "logged", "events", "last_seq", "evicted_through", "delivered", "finished", "reader")
+    __slots__ = ("stream", "logged", "undecided", "events", "last_seq", "evicted_through", "delivered", "finished",
+                 "reader")
 
-    def __init__(self, stream: int, *, logged: bool) -> None:
+    def __init__(self, stream: int, *, logged: bool, undecided: bool = False) -> None:
         self.stream = stream
         self.logged = logged  # False for a JSON answer: never replayed, so never counted against the bound
+        # An answer that may yet be JSON (response_mode "auto"): not logged until it becomes a stream
+        # (`EventLog.log_stream`), but it takes its requests' other messages as a stream does.
+        self.undecided = undecided
         self.events: deque[Event] = _EMPTY
         self.last_seq = 0  # the newest event's seq
         self.evicted_through = 0  # the newest seq the bound pushed out
@@ -107,9 +111,9 @@ class EventLog:
     def __repr__(self) -> str:
         return f"EventLog(size={self.size}/{self.limit}, streams={sorted(self.streams)})"
 
-    def open(self, *, logged: bool = True) -> StreamLog:
+    def open(self, *, logged: bool = True, undecided: bool = False) -> StreamLog:
         """A new stream with the next number."""
-        stream = StreamLog(self._next_stream, logged=logged)
+        stream = StreamLog(self._next_stream, logged=logged and not undecided, undecided=undecided)
         self._next_stream += 1
         self.streams[stream.stream] = stream
         return stream
@@ -132,6 +136,18 @@ class EventLog:
                 self._evict()
         return EventId(stream.stream, stream.last_seq)
 
+    def log_stream(self, stream: StreamLog) -> None:
+        """An undecided answer became a stream: from now on it is resumable, and its events, those it
+        already has too, count against the bound."""
+        if stream.logged:
+            return
+        stream.logged, stream.undecided = True, False
+        for _ in stream.events:
+            self._order = _push(self._order, stream)
+            self.size += 1
+        while self.size > self.limit:
+            self._evict()
+
     def _evict(self) -> None:
         oldest = self._order.popleft()
         seq, _ = oldest.events.popleft()
@@ -147,7 +163,7 @@ class EventLog:
         self._prune(stream)
 
     def discard(self, stream: StreamLog) -> None:
-        """Forget an unlogged stream (a JSON answer) once it has been read."""
+        """Forget an unlogged stream (a JSON answer, or an undecided one) once it has been read."""
         if not stream.logged:
             stream.events.clear()
             self.finish(stream)

@@ -233,7 +233,7 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
     # A POST's priming event leaves with its first event, and its last event with the end of the
     # answer: its whole answer is one frame, not three. A GET stream starts at once: its client waits.
     primed = call.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE  # a priming event is owed
-    counted = not whole and _count_stream(node)  # in the streams-open gauge (a whole answer never is)
+    counted = not whole and _begin_stream(node, actor, stream)  # in the streams-open gauge (a whole answer never is)
     try:
         if call.method == "GET":
             await reply.write(_priming(node, stream, after) if primed else b"")
@@ -244,10 +244,9 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
                 last = item is not None and stream.finished and item[0].seq >= stream.last_seq
                 if whole and last and item is not None:
                     await reply.answer(*_json(item[1]))
-                    actor.forget(stream)
                     return
                 if not counted:  # something came before the answer, or a ping: it is a stream now
-                    whole, counted = False, _count_stream(node)
+                    whole, counted = False, _begin_stream(node, actor, stream)
                 chunk = PING if item is None else event(item[1], event_id=item[0])
                 if primed:
                     chunk, primed = _priming(node, stream, after) + chunk, False
@@ -262,9 +261,13 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
     finally:
         if counted:
             node.metrics.streams_open.dec()
+        if whole:  # answered as JSON, or its client left before it began: nothing will resume it
+            actor.forget(stream)
 
 
-def _count_stream(node: Node) -> bool:
+def _begin_stream(node: Node, actor: SessionActor, stream: StreamLog) -> bool:
+    """It is a stream: resumable from here on (an undecided answer's events go into the log), and counted."""
+    actor.log.log_stream(stream)
     node.metrics.streams_open.inc()
     return True
 

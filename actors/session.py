@@ -139,7 +139,8 @@ class SessionActor:
         if mode == CHANNEL:
             self.channel = True
             return self.log.get_stream()
-        return self.log.open(logged=mode != JSON)  # a JSON answer is never replayed, so never logged
+        # A JSON answer is never replayed, so never logged; an AUTO one is logged once it is a stream.
+        return self.log.open(logged=mode == SSE, undecided=mode == AUTO)
 
     def _expect(self, request: Message, stream: StreamLog) -> None:
         request_id = request["id"]
@@ -265,7 +266,7 @@ class SessionActor:
         """Put one upstream message on exactly one client stream."""
         destination = route_upstream(message, self.pending, self.tokens, related=related, sole=self._sole())
         stream = self.pending.get(destination.request_id) if destination.request_id is not None else None
-        if stream is None or (not stream.logged and not destination.final):
+        if stream is None or (not stream.logged and not stream.undecided and not destination.final):
             stream = self.log.get_stream()  # a JSON answer carries responses only
         self._append(stream, message)
         if destination.final:
@@ -275,7 +276,7 @@ class SessionActor:
         """The one request running with an SSE stream of its own, if exactly one is."""
         found = None
         for request_id, stream in self.pending.items():
-            if stream.stream != 0 and stream.logged:
+            if stream.stream != 0 and (stream.logged or stream.undecided):
                 if found is not None:
                     return None
                 found = request_id

@@ -18,6 +18,7 @@ from actors.store.memory import MemoryStore
 from gateway.link import LinkLost, NodeLink
 from tests.support import call_tool, initialize_message, wait_until
 from tether.config import Config
+from tether.tasks import TaskSet
 
 SECRET = "link-test-secret"
 SID = "link-test-session"
@@ -106,3 +107,30 @@ async def test_an_idle_get_stream_costs_the_node_nothing_and_keeps_its_session()
 
 async def _ended(node: Node) -> bool:
     return SID not in node.actors
+
+
+async def test_an_auto_answer_whose_client_leaves_before_it_begins_is_abandoned(node: Node) -> None:
+    # Nothing of it reached the client (no head, no event id): like a JSON answer, nothing can resume
+    # it, so the node stops waiting for it and tells the upstream, rather than log it for no one.
+    link = NodeLink(SECRET)
+    record = NodeRecord(node.node_id, node.url)
+    tasks = TaskSet("test")
+    try:
+        async with await link.call(record, "POST", SID, body=orjson.dumps(initialize_message()), read_timeout=10,
+                                   headers={CREATE_HEADER: "1", RESPONSE_HEADER: "json"}):
+            pass
+        actor = node.actors[SID]
+        streams = len(actor.log.streams)
+        slow = tasks.spawn(link.call(record, "POST", SID, read_timeout=30, headers={RESPONSE_HEADER: "auto"},
+                                     body=orjson.dumps(call_tool(2, "burn_cpu", {"seconds": 2}))), "slow")
+        await wait_until(lambda: _pending(node, 1), timeout=10, what="the request to reach the actor")
+        slow.cancel()  # the gateway's client left
+        await wait_until(lambda: _pending(node, 0), timeout=10, what="the node to abandon the request")
+        assert len(actor.log.streams) == streams  # its stream is not kept for a reader that cannot come
+    finally:
+        await tasks.close()
+        await link.close()
+
+
+async def _pending(node: Node, count: int) -> bool:
+    return len(node.actors[SID].pending) == count

@@ -34,6 +34,30 @@ def test_resume_replays_only_that_streams_later_events_in_order() -> None:
     assert log.resume(EventId(1, 4))[1] == []  # up to date: nothing again
 
 
+def test_an_undecided_answer_is_outside_the_bound_until_it_becomes_a_stream() -> None:
+    log = EventLog(3)
+    kept = log.open()
+    log.append(kept, msg(1))
+    auto = log.open(undecided=True)
+    log.append(auto, msg(2))
+    log.append(auto, msg(3))
+    assert log.size == 1  # not counted: it may still leave as a JSON body and be forgotten
+    log.log_stream(auto)  # something came before its answer: it streams, resumably
+    assert log.size == 3 and auto.logged and not auto.undecided
+    log.append(auto, msg(4))  # over the bound: the oldest event goes
+    assert log.size == 3 and kept.evicted_through == 1
+    assert [m["params"]["n"] for _, m in log.resume(EventId(auto.stream, 1))[1]] == [3, 4]
+
+
+def test_a_forgotten_undecided_answer_leaves_nothing_behind() -> None:
+    log = EventLog(3)
+    auto = log.open(undecided=True)
+    log.append(auto, msg(1))
+    log.finish(auto)
+    log.discard(auto)
+    assert auto.stream not in log.streams and log.size == 0
+
+
 def test_a_cursor_past_the_bound_is_refused_never_short() -> None:
     log = EventLog(3)
     a, b = log.open(), log.open()
