@@ -251,13 +251,16 @@ async def connect(make: Callable[[], W], host: str, port: int, secret: str, time
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     request = (f"GET {mux.LINK_PATH} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\n"
                f"Upgrade: {mux.UPGRADE}\r\n{SECRET_HEADER}: {secret}\r\n\r\n").encode("latin-1")
-    async with asyncio.timeout(timeout):
-        transport, _ = await loop.create_connection(lambda: _Upgrading(request, make, opened), host, port)
-        try:
-            return cast(W, await opened)
-        except BaseException:
-            transport.close()
-            raise
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: _Upgrading(request, make, opened), host, port)
+            try:
+                return cast(W, await opened)
+            except BaseException:
+                transport.close()
+                raise
+    finally:
+        opened.cancel()  # given up on: a late answer or close has nowhere to go
 
 
 class Upgrades(asyncio.Protocol):

@@ -166,8 +166,12 @@ class _Connection(Wire):
         while xid in self.exchanges or xid == 0:  # after 2**32 exchanges the ids wrap; a stream may hold one
             xid = next(self._ids) & 0xFFFFFFFF
         resp = LinkResponse(self, xid, read_timeout)
-        self.exchanges[xid] = resp
-        await self.put(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+        self.exchanges[xid] = resp  # before the send: its answer may come while `put` waits
+        try:
+            await self.put(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+        except BaseException:
+            resp.close()  # sent, and its caller gone while it waited: the node is told to drop it
+            raise
         return resp
 
     def cancel(self, xid: int) -> None:

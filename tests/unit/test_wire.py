@@ -171,6 +171,15 @@ async def test_the_upgrade_needs_the_secret_and_other_requests_reach_aiohttp() -
         writer.close()
 
 
+async def test_a_node_that_never_answers_the_upgrade_times_out() -> None:
+    server = await asyncio.get_running_loop().create_server(Silent, HOST, 0)
+    try:
+        with pytest.raises(TimeoutError):
+            await connect(Recorder, HOST, server.sockets[0].getsockname()[1], SECRET, timeout=0.2)
+    finally:
+        server.close()
+
+
 async def test_frames_split_across_reads_are_put_back_together() -> None:
     async with node_side(Recorder) as (port, accepted):
         reader, writer = await asyncio.open_connection(HOST, port)
