@@ -109,7 +109,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("stream_buffer_bytes", int, "bytes of a stream the gateway holds for a client that reads slower "
        "than its events come, before it closes the stream (what it missed waits in the event log)", EDGE,
        minimum=4096),
-    _s("link_connections", int, "WebSocket connections a gateway keeps to each node; every client request "
+    _s("link_connections", int, "link connections (TCP) a gateway keeps to each node; every client request "
        "and stream shares them", EDGE, minimum=1),
     _s("auth", list, "how clients prove who they are: token (bearer tokens or API keys from "
        "auth_tokens_file), jwt (JWTs checked against jwt_jwks), or both; empty: no authentication", EDGE),
