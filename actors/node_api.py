@@ -233,7 +233,8 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
     # A POST's priming event leaves with its first event, and its last event with the end of the
     # answer: its whole answer is one frame, not three. A GET stream starts at once: its client waits.
     primed = call.headers.get(VERSION_HEADER, DEFAULT_HTTP_VERSION) >= PRIMING_SINCE  # a priming event is owed
-    counted = not whole and _begin_stream(node, actor, stream)  # in the streams-open gauge (a whole answer never is)
+    if not whole:
+        _begin_stream(node, actor, stream)
     try:
         if call.method == "GET":
             await reply.write(_priming(node, stream, after) if primed else b"")
@@ -245,8 +246,9 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
                 if whole and last and item is not None:
                     await reply.answer(*_json(item[1]))
                     return
-                if not counted:  # something came before the answer, or a ping: it is a stream now
-                    whole, counted = False, _begin_stream(node, actor, stream)
+                if whole:  # something came before the answer, or a ping: it is a stream now
+                    whole = False
+                    _begin_stream(node, actor, stream)
                 chunk = PING if item is None else event(item[1], event_id=item[0])
                 if primed:
                     chunk, primed = _priming(node, stream, after) + chunk, False
@@ -259,17 +261,17 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
     finally:
-        if counted:
-            node.metrics.streams_open.dec()
         if whole:  # answered as JSON, or its client left before it began: nothing will resume it
             actor.forget(stream)
+        else:
+            node.metrics.streams_open.dec()
 
 
-def _begin_stream(node: Node, actor: SessionActor, stream: StreamLog) -> bool:
-    """It is a stream: resumable from here on (an undecided answer's events go into the log), and counted."""
+def _begin_stream(node: Node, actor: SessionActor, stream: StreamLog) -> None:
+    """It is a stream: resumable from here on (an undecided answer's events go into the log), and
+    counted in the streams-open gauge (a whole answer never is)."""
     actor.log.log_stream(stream)
     node.metrics.streams_open.inc()
-    return True
 
 
 def _priming(node: Node, stream: StreamLog, after: int) -> bytes:

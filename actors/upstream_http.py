@@ -131,12 +131,11 @@ class StreamableHttpUpstream(_HttpUpstream):
     async def send(self, message: Mapping[str, Any]) -> None:
         """POST one message. Requests are answered in the background (a slow tool must not hold up the
         messages behind it), except initialize, whose answer opens the session."""
-        if message.get("method") == "initialize" or "id" not in message or "method" not in message:
-            await self._post(message)
-            if message.get("method") == "notifications/initialized":
-                self._initialized.set()
-        else:
-            self.send_now(message)
+        if self.send_now(message):
+            return
+        await self._post(message)
+        if message.get("method") == "notifications/initialized":
+            self._initialized.set()
 
     def send_now(self, message: Mapping[str, Any]) -> bool:
         """A request (but initialize) is posted by a task of its own: it waits for nothing before it."""
