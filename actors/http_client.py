@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import lru_cache
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
@@ -55,16 +55,32 @@ def _split(url: str) -> _Target:
     return _Target(parts.scheme, parts.hostname, port, target, parts.netloc.rpartition("@")[2])
 
 
+class Prepared(NamedTuple):
+    """A request's head made once, to send many times: the pool it goes to, and its bytes up to the
+    Content-Length (an upstream session's POSTs differ only in their bodies)."""
+
+    pool: _Pool
+    head: bytes
+    length: bool  # it carries a Content-Length, even for an empty body
+
+
 class Response(Arrivals):
     """One answer: status and headers at once, the body as it arrives. Leaving `async with` (or
-    `release`) gives the connection back once the body has ended, and closes it otherwise."""
+    `release`) gives the connection back once the body has ended, and closes it otherwise.
 
-    __slots__ = ("status", "headers", "_conn", "_read_timeout")
+    With a `listener`, each arrival (the head, a piece of the body, the end, a failure) calls it
+    from the connection's callback instead of waking a reader: an answer read whole costs no task.
+    A listener that sets `listener` to None hands the rest to a reader.
+    """
 
-    def __init__(self, conn: _Connection, read_timeout: float | None) -> None:
+    __slots__ = ("status", "headers", "listener", "_conn", "_read_timeout")
+
+    def __init__(self, conn: _Connection, read_timeout: float | None,
+                 listener: Callable[[Response], None] | None = None) -> None:
         super().__init__()
         self.status = 0
         self.headers: dict[str, str] = {}  # names in lower case
+        self.listener = listener
         self._conn = conn
         self._read_timeout = read_timeout
 
@@ -106,6 +122,12 @@ class Response(Arrivals):
         super()._add(chunk)
         if self._size > HIGH_WATER:
             self._conn.pause()
+
+    def _wake(self) -> None:
+        if self.listener is not None:
+            self.listener(self)
+        else:
+            super()._wake()
 
 
 class _Connection(asyncio.Protocol):
@@ -185,10 +207,13 @@ class _Connection(asyncio.Protocol):
 
     # -- the pool's side --
 
-    async def send(self, request: bytes, resp: Response) -> None:
+    def start(self, request: bytes, resp: Response) -> None:
         assert self._transport is not None
         self._response, self._framed, self._keep = resp, False, False
         self._transport.write(request)
+
+    async def send(self, request: bytes, resp: Response) -> None:
+        self.start(request, resp)
         while resp.status == 0:
             if not await resp._wait(resp._read_timeout):
                 raise TimeoutError
@@ -235,13 +260,19 @@ class _Pool:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
 
-    async def connection(self) -> _Connection:
+    def idle(self) -> _Connection | None:
+        """An idle connection still fit to reuse, if there is one."""
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_REUSE:
                 return conn
             conn.close()
+        return None
+
+    async def connection(self) -> _Connection:
+        if (conn := self.idle()) is not None:
+            return conn
         loop = asyncio.get_running_loop()
         target = self._target
         context = ssl.create_default_context() if target.scheme == "https" else None
@@ -281,11 +312,8 @@ class HttpClient:
         self._connect_timeout = connect_timeout
         self._pools: dict[tuple[str, str, int], _Pool] = {}
 
-    async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
-                      body: bytes = b"", read_timeout: float | None = None) -> Response:
-        """Send one request; returns once the answer's head has come. The caller reads the body and
-        releases the response (`async with`). Raises `HttpClientError`, or `TimeoutError` when the
-        server sends nothing for `read_timeout`."""
+    def prepare(self, method: str, url: str, headers: Mapping[str, str] | None = None) -> Prepared:
+        """The head of a request to send with `send` or `send_nowait`. Raises `HttpClientError`."""
         target = _split(url)
         key = (target.scheme, target.host, target.port)
         pool = self._pools.get(key)
@@ -296,20 +324,40 @@ class HttpClient:
             if "\r" in value or "\n" in value:
                 raise HttpClientError(f"Cannot send header {name}: its value holds a line break")
             lines.append(f"{name}: {value}\r\n")
-        if body or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
         try:
-            request = "".join(lines).encode("latin-1") + body
+            head = "".join(lines).encode("latin-1")
         except UnicodeEncodeError as exc:
             raise HttpClientError(f"Cannot send a header that is not Latin-1: {exc}") from exc
-        conn = await pool.connection()
+        return Prepared(pool, head, method in ("POST", "PUT", "PATCH"))
+
+    async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+                      body: bytes = b"", read_timeout: float | None = None) -> Response:
+        """Send one request; returns once the answer's head has come. The caller reads the body and
+        releases the response (`async with`). Raises `HttpClientError`, or `TimeoutError` when the
+        server sends nothing for `read_timeout`."""
+        return await self.send(self.prepare(method, url, headers), body, read_timeout)
+
+    async def send(self, prepared: Prepared, body: bytes = b"", read_timeout: float | None = None) -> Response:
+        """`request` with a head made by `prepare`."""
+        conn = await prepared.pool.connection()
         resp = Response(conn, read_timeout)
         try:
-            await conn.send(request, resp)
+            await conn.send(_bytes(prepared, body), resp)
         except BaseException:
             conn.close()
             raise
+        return resp
+
+    def send_nowait(self, prepared: Prepared, body: bytes, listener: Callable[[Response], None],
+                    read_timeout: float | None = None) -> Response | None:
+        """Send at once on an idle connection, if one is at hand (None if not: use `send`). The answer
+        calls `listener` as it arrives (see `Response`); `read_timeout` holds only once a reader
+        takes over."""
+        conn = prepared.pool.idle()
+        if conn is None:
+            return None
+        resp = Response(conn, read_timeout, listener)
+        conn.start(_bytes(prepared, body), resp)
         return resp
 
     async def close(self) -> None:
@@ -317,3 +365,9 @@ class HttpClient:
             pool.close()
         self._pools.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
+
+
+def _bytes(prepared: Prepared, body: bytes) -> bytes:
+    if body or prepared.length:
+        return b"%sContent-Length: %d\r\n\r\n%s" % (prepared.head, len(body), body)
+    return prepared.head + b"\r\n"

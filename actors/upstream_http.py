@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 
 import orjson
 
-from actors.http_client import HttpClient, HttpClientError, Response
+from actors.http_client import HIGH_WATER, HttpClient, HttpClientError, Prepared, Response
 from actors.mcp import SESSION_HEADER, VERSION_HEADER, RequestId, error_response
 from actors.sse import Parser
 from actors.upstream import Inbound
@@ -116,6 +116,8 @@ class StreamableHttpUpstream(_HttpUpstream):
         self.session_id: str | None = None
         self.version: str | None = None
         self._initialized = Latch()  # the session is open: the GET stream may start
+        self._post_head: tuple[tuple[str | None, str | None], Prepared] | None = None
+        self.posted: set[_Posted] = set()  # requests whose answers the connections' callbacks read
 
     def describe(self) -> str:
         return f"{self.url} session {self.session_id or '(none yet)'}"
@@ -138,41 +140,81 @@ class StreamableHttpUpstream(_HttpUpstream):
             self._initialized.set()
 
     def send_now(self, message: Mapping[str, Any]) -> bool:
-        """A request (but initialize) is posted by a task of its own: it waits for nothing before it."""
+        """A request (but initialize) goes at once: it waits for nothing before it. On an idle pooled
+        connection its answer is read in the connection's callbacks (`_Posted`); else by a task."""
         if "id" not in message or "method" not in message or message["method"] == "initialize":
             return False
-        self._tasks.spawn(self._post(message), "post")
+        body = orjson.dumps(message)
+        try:
+            prepared = self._prepared()
+        except HttpClientError:
+            prepared = None  # the task's request reports it
+        if prepared is not None:
+            posted = _Posted(self, message)
+            resp = self._client.send_nowait(prepared, body, posted.arrived, self._request_timeout + 5.0)
+            if resp is not None:
+                posted.started(resp)
+                return True
+        self._tasks.spawn(self._post(message, body), "post")
         return True
 
-    async def _post(self, message: Mapping[str, Any]) -> None:
+    def _prepared(self) -> Prepared:
+        """The head of this session's POSTs, made again only when what it carries changes."""
+        key = (self.session_id, self.version)
+        if self._post_head is None or self._post_head[0] != key:
+            prepared = self._client.prepare("POST", self.url, {**self._headers(), "Content-Type": "application/json"})
+            self._post_head = (key, prepared)
+        return self._post_head[1]
+
+    async def _post(self, message: Mapping[str, Any], body: bytes | None = None) -> None:
         request_id = message.get("id") if "method" in message else None
-        headers = {**self._headers(), "Content-Type": "application/json"}
         try:
-            async with await self._client.request("POST", self.url, body=orjson.dumps(message), headers=headers,
-                                                  read_timeout=self._request_timeout + 5.0) as resp:
+            async with await self._client.send(self._prepared(), orjson.dumps(message) if body is None else body,
+                                               read_timeout=self._request_timeout + 5.0) as resp:
                 if message.get("method") == "initialize" and resp.status == 200:
                     self.session_id = resp.headers.get(_SESSION)
                 await self._answer(message, request_id, resp)
         except (HttpClientError, TimeoutError, UpstreamError, ValueError) as exc:
             if message.get("method") == "initialize":
                 raise UpstreamError(f"Cannot open a session on upstream {self.url}: {exc!r}") from exc
-            self._fail(message, f"Upstream {self.url} failed: {exc!r}")
+            self._failed(message, exc)
+
+    def _failed(self, message: Mapping[str, Any], exc: BaseException) -> None:
+        self._fail(message, f"Upstream {self.url} failed: {exc!r}")
 
     async def _answer(self, message: Mapping[str, Any], request_id: RequestId | None,
                       resp: Response) -> None:
-        if resp.status == 404 and self.session_id:
-            self._gone("the server no longer knows this session (404)")
-            return
-        if resp.status == 202 or (resp.status == 200 and request_id is None):
-            return
-        if resp.status != 200:
-            text = (await resp.read(300)).decode(errors="replace")
-            self._fail(message, f"Upstream answered HTTP {resp.status}: {text}")
-            return
-        if resp.content_type == "text/event-stream":
+        if resp.status == 200 and resp.content_type == "text/event-stream":
             await self._stream_answer(resp, request_id)
             return
-        body = await resp.read(self._max + 1)
+        self._took(message, request_id, resp.status,
+                   await resp.read(self._max + 1) if self._has_answer(resp.status, request_id) else b"")
+
+    async def _finish(self, message: Mapping[str, Any], resp: Response) -> None:
+        """Read the rest of an answer that `_Posted` handed over (a stream, or a body that takes long)."""
+        try:
+            async with resp:
+                await self._answer(message, message.get("id"), resp)
+        except (HttpClientError, TimeoutError, UpstreamError, ValueError) as exc:
+            self._failed(message, exc)
+
+    def _has_answer(self, status: int, request_id: RequestId | None) -> bool:
+        """Whether an answer's body says anything: not for 202, a 200 to a notification, or the 404 of
+        a session the server has forgotten."""
+        return status != 202 and not (status == 200 and request_id is None) and \
+            not (status == 404 and self.session_id)
+
+    def _took(self, message: Mapping[str, Any], request_id: RequestId | None, status: int, body: bytes) -> None:
+        """What a whole (not streamed) answer means: the answer for the client, an error, or the end."""
+        if status == 404 and self.session_id:
+            self._gone("the server no longer knows this session (404)")
+            return
+        if not self._has_answer(status, request_id):
+            return
+        if status != 200:
+            text = body[:300].decode(errors="replace")
+            self._fail(message, f"Upstream answered HTTP {status}: {text}")
+            return
         if len(body) > self._max:
             self._fail(message, f"Upstream answered with more than max_message_bytes ({self._max})")
             return
@@ -244,6 +286,8 @@ class StreamableHttpUpstream(_HttpUpstream):
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
 
     async def stop(self, grace: float) -> str:
+        for posted in list(self.posted):
+            posted.abandon()
         await self._tasks.close(timeout=grace)
         if not self.session_id:
             return "no upstream session"
@@ -253,6 +297,54 @@ class StreamableHttpUpstream(_HttpUpstream):
                     return f"upstream DELETE answered {resp.status}"
         except (HttpClientError, TimeoutError) as exc:
             return f"upstream DELETE failed: {exc!r}"
+
+
+class _Posted:
+    """A request sent on an idle connection, its answer read in the connection's callbacks: a JSON
+    answer costs no task. Anything else (a stream, an error to read) goes to a task (`_finish`)."""
+
+    __slots__ = ("upstream", "message", "resp", "timer")
+
+    def __init__(self, upstream: StreamableHttpUpstream, message: Mapping[str, Any]) -> None:
+        self.upstream = upstream
+        self.message = message
+        self.resp: Response | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def started(self, resp: Response) -> None:
+        self.resp = resp
+        self.upstream.posted.add(self)
+        self.timer = asyncio.get_running_loop().call_later(self.upstream._request_timeout + 5.0,
+                                                           resp._fail, TimeoutError())
+
+    def arrived(self, resp: Response) -> None:
+        upstream, message = self.upstream, self.message
+        if resp._error is not None:
+            self._done(resp)
+            upstream._failed(message, resp._error)
+        elif resp._done:
+            body = resp.take()
+            self._done(resp)
+            upstream._took(message, message["id"], resp.status, body)
+        elif resp._size > min(upstream._max, HIGH_WATER) or \
+                (not resp._chunks and resp.content_type == "text/event-stream"):  # only the head has come
+            # Read by a task: a stream, or a body big enough to need back-pressure.
+            self._done(resp, release=False)
+            resp.listener = None
+            upstream._tasks.spawn(upstream._finish(message, resp), "post")
+
+    def _done(self, resp: Response, release: bool = True) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.upstream.posted.discard(self)
+        if release:
+            resp.listener = None
+            resp.release()
+
+    def abandon(self) -> None:
+        """The session ends: the connection of an answer still to come is closed."""
+        if self.resp is not None:
+            self._done(self.resp)
 
 
 class SseUpstream(_HttpUpstream):

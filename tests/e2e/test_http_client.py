@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from actors.http_client import HIGH_WATER, HttpClient, HttpClientError
+from actors.http_client import HIGH_WATER, HttpClient, HttpClientError, Response
 from tests.support import wait_until
 
 
@@ -165,3 +165,43 @@ async def test_what_it_cannot_do_is_an_error_that_says_why(client: HttpClient,
         await client.request("GET", url, read_timeout=5)
     with pytest.raises(TimeoutError):
         await client.request("GET", app_url[0] + "/silent", read_timeout=0.2)
+
+
+async def test_an_answer_sent_without_waiting_reaches_its_listener_on_the_same_connection(
+        client: HttpClient, app_url: tuple[str, list[int]]) -> None:
+    url, ports = app_url
+    prepared = client.prepare("POST", url + "/echo", {"Mcp-Session-Id": "abc"})
+    assert client.send_nowait(prepared, b"first", lambda resp: None) is None  # no idle connection yet
+    async with await client.send(prepared, b"first", read_timeout=5) as resp:
+        assert orjson.loads(await resp.read())["body"] == "first"
+    for i in range(3):
+        answered: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+
+        def listener(resp: Response, answered: asyncio.Future[tuple[int, bytes]] = answered) -> None:
+            if resp._done and not answered.done():
+                answered.set_result((resp.status, resp.take()))
+                resp.listener = None
+                resp.release()
+
+        assert client.send_nowait(prepared, f"hello {i}".encode(), listener) is not None
+        status, body = await asyncio.wait_for(answered, 5)
+        assert status == 200
+        assert orjson.loads(body) == {"method": "POST", "body": f"hello {i}", "session": "abc"}
+    assert len(set(ports)) == 1, f"four requests took {len(set(ports))} connections"
+
+
+async def test_a_listener_can_hand_a_stream_to_a_reader(client: HttpClient, app_url: tuple[str, list[int]]) -> None:
+    url, _ = app_url
+    async with await client.request("GET", url + "/stream?n=1") as resp:  # leaves an idle connection
+        await resp.read()
+    handed: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+    def listener(resp: Response) -> None:
+        if resp.status and not handed.done():
+            resp.listener = None  # from here a reader takes what comes
+            handed.set_result(resp)
+
+    assert client.send_nowait(client.prepare("GET", url + "/stream?n=5"), b"", listener, read_timeout=5) is not None
+    async with await asyncio.wait_for(handed, 5) as resp:
+        assert resp.content_type == "text/event-stream"
+        assert await resp.read() == b"".join(f"data: {i}\n\n".encode() for i in range(5))
