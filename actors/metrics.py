@@ -1,8 +1,11 @@
-"""Every metric a node exports, in one place. Prefix `tether_`, unit in the name."""
+"""Every metric a node exports, in one place. Prefix `tether_`, unit in the name. Lock-free
+(`tether.metrics`): the hot path counts with plain numbers."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+
+from tether.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)

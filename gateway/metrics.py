@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from actors.metrics import LATENCY_BUCKETS
 from actors.placement import Placement
+from tether.metrics import Counter, Gauge, Histogram
 
 # Label values a client cannot multiply: any other HTTP method is counted as "other" (rule 5).
 HTTP_METHODS = frozenset({"GET", "POST", "DELETE"})
