@@ -134,3 +134,31 @@ async def test_an_auto_answer_whose_client_leaves_before_it_begins_is_abandoned(
 
 async def _pending(node: Node, count: int) -> bool:
     return len(node.actors[SID].pending) == count
+
+
+async def test_an_auto_answer_that_takes_past_the_keepalive_becomes_a_pinged_stream(node: Node) -> None:
+    # The answer waits without a task; when the keep-alive falls due first it is a stream from then on:
+    # primed, pinged, and its answer an event with an id, as if it had been a stream from the start.
+    link = NodeLink(SECRET)
+    record = NodeRecord(node.node_id, node.url)
+    try:
+        async with await link.call(record, "POST", SID, body=orjson.dumps(initialize_message()), read_timeout=10,
+                                   headers={CREATE_HEADER: "1", RESPONSE_HEADER: "json"}):
+            pass
+        async with await link.call(record, "POST", SID, read_timeout=30,
+                                   headers={RESPONSE_HEADER: "auto", VERSION_HEADER: "2025-11-25"},
+                                   body=orjson.dumps(call_tool(2, "burn_cpu", {"seconds": 1.5}))) as slow:
+            assert slow.status == 200
+            assert slow.content_type == "text/event-stream"
+            body = await slow.read()
+        priming, ping, *events = [part for part in body.split(b"\n\n") if part]
+        assert priming.startswith(b"id: ") and priming.endswith(b"data: ")
+        assert ping == b": ping"
+        answer = [e for e in events if e.startswith(b"id: ")]
+        assert len(answer) == 1 and b'"id":2' in answer[0] and b'"result"' in answer[0], body
+        async with await link.call(record, "POST", SID, read_timeout=10, headers={RESPONSE_HEADER: "auto"},
+                                   body=orjson.dumps(call_tool(3, "increment", {}))) as quick:
+            assert quick.content_type == "application/json"  # a prompt answer is still JSON
+            assert orjson.loads(await quick.read())["id"] == 3
+    finally:
+        await link.close()
