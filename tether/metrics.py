@@ -85,38 +85,33 @@ class _Metric(Collector, Generic[C]):
         return self.collect()  # the registry learns the names, so that two metrics cannot share one
 
 
-class Counter(_Metric[_Value]):
+class _Scalar(_Metric[_Value]):
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily]
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                  registry: CollectorRegistry) -> None:
         super().__init__(name, documentation, labelnames, registry)
 
     def _child(self) -> _Value:
         return _Value()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self.family(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self._samples():
+            family.add_metric(values, child.value)
+        yield family
+
+
+class Counter(_Scalar):
+    family = CounterMetricFamily
 
     def inc(self, amount: float = 1.0) -> None:
         assert self._unlabelled is not None, f"{self.name} has labels"
         self._unlabelled.value += amount
 
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self._samples():
-            family.add_metric(values, child.value)
-        yield family
 
-
-class Gauge(_Metric[_Value]):
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
-                 registry: CollectorRegistry) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-
-    def _child(self) -> _Value:
-        return _Value()
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self._samples():
-            family.add_metric(values, child.value)
-        yield family
+class Gauge(_Scalar):
+    family = GaugeMetricFamily
 
 
 class Histogram(_Metric[_Buckets]):
