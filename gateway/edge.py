@@ -46,7 +46,8 @@ _LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Headers(dict[str, str]):
-    """Request headers by lower-cased name; a repeated header's values joined by ", " (RFC 9110 5.3)."""
+    """Request headers by lower-cased name; a repeated header's values joined by ", " (RFC 9110 5.3).
+    The edge itself reads them with `_get` and a lower-case name: the C lookup, not a Python call."""
 
     def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
         return dict.get(self, key.lower(), default)
@@ -56,6 +57,9 @@ class Headers(dict[str, str]):
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and dict.__contains__(self, key.lower())
+
+
+_get = dict.get  # for names already in lower case
 
 
 class EdgeRequest:
@@ -198,7 +202,7 @@ class EdgeConnection(asyncio.Protocol):
             m.refusal = BadRequest(f"Bad Request: Too many headers (more than {MAX_HEADERS})")
         else:
             key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-            old = m.headers.get(key)
+            old = _get(m.headers, key)
             dict.__setitem__(m.headers, key, text if old is None else f"{old}, {text}")
 
     def on_headers_complete(self) -> None:
@@ -209,8 +213,8 @@ class EdgeConnection(asyncio.Protocol):
         m.method = parser.get_method().decode("latin-1")
         m.keep_alive = parser.should_keep_alive()
         m.legacy = parser.get_http_version() == "1.0"
-        m.chunked = "chunked" in (m.headers.get("transfer-encoding") or "").lower()
-        if (length := m.headers.get("content-length")) is not None:
+        m.chunked = "chunked" in (_get(m.headers, "transfer-encoding") or "").lower()
+        if (length := _get(m.headers, "content-length")) is not None:
             m.length = int(length)  # llhttp has checked it is digits, and not repeated differently
 
     def on_body(self, body: bytes) -> None:
@@ -276,7 +280,7 @@ class EdgeConnection(asyncio.Protocol):
             self._refuse(PayloadTooLarge(too_large(m.length, limit)))
         elif not m.complete:
             self.remaining = -1 if m.chunked else m.length
-            if (m.headers.get("expect") or "").lower() == "100-continue":
+            if (_get(m.headers, "expect") or "").lower() == "100-continue":
                 self._write(_CONTINUE)
             self._deadline(self.edge.gateway.config.client_body_timeout, self._body_late)
         return not self.dropping
@@ -321,7 +325,7 @@ class EdgeConnection(asyncio.Protocol):
         # After a chunked body the parser may have read into the next request: the connection ends.
         self.keep_alive = m.keep_alive and not m.chunked and not self.edge.closing
         request = EdgeRequest(m.method, m.url.decode("latin-1"), m.headers, self.remote,
-                              m.headers.get("host") or self.edge.host)
+                              _get(m.headers, "host") or self.edge.host)
         body = m.body[0] if len(m.body) == 1 else b"".join(m.body)
         self.task = self.edge.tasks.spawn(self._answer(request, body, m.legacy), "request")
 
