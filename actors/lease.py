@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -22,11 +21,6 @@ class IdleLease:
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.idle_timeout - (now - self.last_activity))
-
-
-def reap_idle(leases: Iterable[tuple[str, IdleLease]], now: float) -> Iterator[str]:
-    """The keys whose lease has run out at `now`."""
-    return (key for key, lease in leases if lease.expired(now))
 
 
 @dataclass

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from actors.events import StreamLog
 from actors.http_client import HttpClient
 from actors.ids import is_named
-from actors.lease import NodeLease, reap_idle
+from actors.lease import NodeLease
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
 from actors.session import JSON, ActorLimits, SessionActor
 from actors.store.base import NodeRecord, OwnershipRecord, Quota, Store
 from actors.upstream import ProcessLimits, StdioUpstream, Upstream, scrubbed_env
 from actors.upstream_http import SseUpstream, StreamableHttpUpstream, transport_for
+from actors.wheel import Wheel
 from tether.config import Config
 from tether.errors import (
     LeaseLost,
@@ -64,7 +65,9 @@ class Node:
         self.process_limits.check()
         self._http: HttpClient | None = None  # shared by every session's HTTP upstream
         self._tasks = TaskSet(f"node-{node_id}")  # session ends
-        self._loops = TaskSet(f"node-{node_id}-loops")  # heartbeat and reaper
+        self._loops = TaskSet(f"node-{node_id}-loops")  # the heartbeat
+        # Idle expiry: each session is looked at when its lease may have run out, within scan_interval.
+        self._idle = Wheel(config.scan_interval, self._check_idle, clock)
         self._ending: dict[SessionActor, asyncio.Task[None]] = {}  # by actor: a name may live again
         self.incarnation = secrets.token_hex(8)  # replaced whenever the node fences itself
         self.lease = NodeLease(config.heartbeat_ttl)
@@ -206,6 +209,7 @@ class Node:
                              on_dropped=self.metrics.events_dropped.inc, clock=self.clock)
         actor.principal = principal
         self.actors[sid] = actor
+        self._idle.add(actor, actor.lease.last_activity + actor.lease.idle_timeout)
         self.metrics.sessions_active.inc()
         actor.start()
         log.info("session.started", extra={"node": self.node_id, "sid": actor.tag, "pid": upstream.pid,
@@ -256,6 +260,7 @@ class Node:
         try:
             await actor.end(reason)
         finally:
+            self._idle.discard(actor)
             if self.actors.get(actor.sid) is actor:  # a named session may already live again
                 del self.actors[actor.sid]
             self._ending.pop(actor, None)
@@ -359,22 +364,21 @@ class Node:
         finally:
             self._fencing = False
 
-    async def reaper_loop(self) -> None:
-        while not self._loops.closing:
-            await asyncio.sleep(self.config.scan_interval)
-            self.reap(self.clock())
-
-    def reap(self, now: float) -> list[str]:
-        """End every session idle at `now` (none that a client is waiting on)."""
-        idle = list(reap_idle(((sid, a.lease) for sid, a in self.actors.items()
-                               if not a.busy and a.ended is None), now))
-        for sid in idle:
-            self._begin_end(self.actors[sid], "idle")  # marked before any request can slip in
-        return idle
+    def _check_idle(self, actor: SessionActor, now: float) -> float | None:
+        """End `actor` if it is idle at `now` (none that a client is waiting on); else when to look again.
+        A session in use is looked at again an idle timeout later: its lease moves on when it is left."""
+        lease = actor.lease
+        if actor.ended is not None or self.actors.get(actor.sid) is not actor:
+            return None
+        if actor.busy:
+            return now + lease.idle_timeout
+        if lease.expired(now):
+            self._begin_end(actor, "idle")  # marked before any request can slip in
+            return None
+        return lease.last_activity + lease.idle_timeout
 
     def start_loops(self) -> None:
         self._loops.spawn(self.heartbeat_loop(), "heartbeat")
-        self._loops.spawn(self.reaper_loop(), "reaper")
 
     async def drain(self, timeout: float) -> None:
         """Leave the ring for new sessions and serve the current ones until they end or `timeout`
@@ -404,6 +408,7 @@ class Node:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self._loops.close()  # no heartbeat may re-add us after we leave
+        self._idle.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.upstream_start_timeout):
                 await self._idle_creates.wait()

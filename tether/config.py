@@ -62,7 +62,8 @@ SETTINGS: tuple[Setting, ...] = (
        "(sse when the path ends in /sse)", ACTOR, choices=("auto", "streamable_http", "sse")),
     _s("idle_timeout", float, "seconds without client activity before a session is ended", ACTOR,
        minimum=0.05),
-    _s("scan_interval", float, "seconds between the node reaper's idle scans", ACTOR, minimum=0.01),
+    _s("scan_interval", float, "how late, at most, a node ends a session after its idle timeout (the step of "
+       "its idle checks)", ACTOR, minimum=0.01),
     _s("keepalive_interval", float, "seconds between keep-alive comments on an idle SSE stream", ALL,
        minimum=0.01),
     _s("upstream_start_timeout", float, "seconds an upstream may take to start and answer initialize",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 
 from actors.ids import is_named, is_valid_session_id, is_visible_ascii, mint_session_id, session_id_for_key
-from actors.lease import IdleLease, NodeLease, reap_idle
+from actors.lease import IdleLease, NodeLease
 from actors.mcp import GET_STREAM, Destination, progress_token, route_upstream
 
 
@@ -35,12 +35,6 @@ def test_idle_lease_expires_only_after_the_timeout_without_activity() -> None:
     assert lease.expired(115.0)
     lease.touch(90.0)  # a clock that goes back does not move the lease back
     assert lease.last_activity == 105.0
-
-
-def test_reap_idle_names_only_expired_leases() -> None:
-    leases = {"a": IdleLease(5.0, 0.0), "b": IdleLease(5.0, 3.0), "c": IdleLease(1.0, 0.0)}
-    assert sorted(reap_idle(leases.items(), now=5.0)) == ["a", "c"]
-    assert list(reap_idle(leases.items(), now=0.5)) == []
 
 
 def test_upstream_messages_are_routed_to_exactly_one_stream() -> None:

@@ -1,0 +1,89 @@
+"""The timing wheel on a real event loop: each item is looked at once it falls due, never before,
+again when its check says it moved on, and not at all once dropped; an empty wheel runs no timer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from actors.lease import IdleLease
+from actors.wheel import Wheel
+
+STEP = 0.02
+
+
+async def test_items_are_checked_once_due_and_again_when_they_moved_on() -> None:
+    checks: list[tuple[str, float]] = []
+    done = asyncio.Event()
+    later = {"moved": 2}  # checks that say "due again later" before it is dropped
+
+    def check(item: str, now: float) -> float | None:
+        checks.append((item, now))
+        if later.get(item):
+            later[item] -= 1
+            return now + 2 * STEP
+        names = [c[0] for c in checks]
+        if "soon" in names and "late" in names and names.count("moved") == 3:
+            done.set()
+        return None
+
+    wheel: Wheel[str] = Wheel(STEP, check)
+    start = time.monotonic()
+    due = {"soon": start + STEP, "moved": start + 2 * STEP, "late": start + 6 * STEP}
+    for item, when in due.items():
+        wheel.add(item, when)
+    wheel.add("dropped", start + STEP)
+    wheel.discard("dropped")
+    assert len(wheel) == 3 and "dropped" not in wheel
+    await asyncio.wait_for(done.wait(), 10)
+    assert [item for item, _ in checks].count("moved") == 3
+    assert sorted({item for item, _ in checks}) == ["late", "moved", "soon"]
+    for item, now in checks:
+        assert now >= due[item] - 0.002, f"{item} looked at before it was due"
+    assert len(wheel) == 0 and wheel._timer is None  # nothing left: no timer runs
+
+
+async def test_idle_leases_on_the_wheel_end_only_when_they_have_run_out() -> None:
+    # The node's use: a lease touched since it was placed is looked at again at its new deadline.
+    leases = {name: IdleLease(3 * STEP, time.monotonic()) for name in ("left", "touched")}
+    ended: dict[str, float] = {}
+    all_ended = asyncio.Event()
+
+    def check(name: str, now: float) -> float | None:
+        lease = leases[name]
+        if not lease.expired(now):
+            return lease.last_activity + lease.idle_timeout
+        ended[name] = now
+        if len(ended) == len(leases):
+            all_ended.set()
+        return None
+
+    wheel: Wheel[str] = Wheel(STEP, check)
+    for name, lease in leases.items():
+        wheel.add(name, lease.last_activity + lease.idle_timeout)
+    touched_at = time.monotonic() + 2 * STEP
+    while time.monotonic() < touched_at:  # activity before the first deadline
+        await asyncio.sleep(STEP / 2)
+    leases["touched"].touch(time.monotonic())
+    await asyncio.wait_for(all_ended.wait(), 10)
+    assert ended["touched"] >= leases["touched"].last_activity + leases["touched"].idle_timeout - 0.002
+    assert ended["left"] < ended["touched"]
+
+
+async def test_a_thousand_items_each_checked_exactly_once() -> None:
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    def check(item: int, now: float) -> float | None:
+        seen.append(item)
+        if len(seen) == 1000:
+            done.set()
+        return None
+
+    wheel: Wheel[int] = Wheel(STEP, check)
+    start = time.monotonic()
+    for i in range(1000):
+        wheel.add(i, start + (i % 10) * STEP / 3)
+    await asyncio.wait_for(done.wait(), 10)
+    assert sorted(seen) == list(range(1000))
+    assert wheel._timer is None
