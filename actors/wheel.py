@@ -13,12 +13,14 @@ timer runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=Hashable)
+log = logging.getLogger("tether.wheel")
 
 
 class Wheel(Generic[T]):
@@ -85,7 +87,11 @@ class Wheel(Generic[T]):
         for slot in sorted(s for s in self._slots if s * self._step <= now + 0.001):  # timers may run early
             for item in self._slots.pop(slot):
                 del self._where[item]
-                due = self._check(item, now)
+                try:
+                    due = self._check(item, now)
+                except Exception:  # a bug in one check must not stop the wheel for every other item
+                    log.exception("wheel.check_failed", extra={"detail": repr(item)})
+                    due = now + self._step
                 if due is not None:
                     self._place(item, max(due, now + self._step), arm=False)  # never again in this tick
         if self._slots:

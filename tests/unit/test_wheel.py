@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from actors.lease import IdleLease
 from actors.wheel import Wheel
 
@@ -87,3 +89,26 @@ async def test_a_thousand_items_each_checked_exactly_once() -> None:
     await asyncio.wait_for(done.wait(), 10)
     assert sorted(seen) == list(range(1000))
     assert wheel._timer is None
+
+
+async def test_a_check_that_fails_is_logged_and_tried_again_and_the_others_go_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    tries: dict[str, int] = {"broken": 0, "fine": 0}
+    done = asyncio.Event()
+
+    def check(item: str, now: float) -> float | None:
+        tries[item] += 1
+        if item == "broken" and tries[item] < 3:
+            raise RuntimeError("a bug in the check")
+        if tries["broken"] == 3 and tries["fine"] == 1:
+            done.set()
+        return None
+
+    wheel: Wheel[str] = Wheel(STEP, check)
+    start = time.monotonic()
+    wheel.add("broken", start + STEP)
+    wheel.add("fine", start + STEP)
+    await asyncio.wait_for(done.wait(), 10)
+    assert tries == {"broken": 3, "fine": 1}
+    assert [r.message for r in caplog.records].count("wheel.check_failed") == 2
+    assert len(wheel) == 0 and wheel._timer is None
