@@ -117,6 +117,7 @@ async def test_every_kind_of_answer_reaches_the_sink_in_callbacks_or_a_task(
     _, ports, _ = server
     for i, name in enumerate(["json", "sse", "big", "json", "fail", "json"], start=1):
         assert up.send_now(call(i, name))
+        assert len(up.posted) == 1  # sent on the idle connection, its answer awaited in callbacks
         answer = await sink.answer(i)
         if name == "fail":
             assert answer["error"]["message"] == "Upstream answered HTTP 500: the tool broke"
