@@ -8,7 +8,7 @@ released only by the holder of that epoch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tether.errors import QuotaExceeded
@@ -27,7 +27,8 @@ class NodeRecord:
     incarnation: str = ""  # new each time the node (re)joins; a lapsed incarnation never comes back
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"node_id": self.node_id, "url": self.url, "accepting": self.accepting, "sessions": self.sessions,
+                "incarnation": self.incarnation}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeRecord:
@@ -59,7 +60,8 @@ class OwnershipRecord:
     principal: str = ""  # whose session quota it counts against ("" when none is kept)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"key": self.key, "node_id": self.node_id, "epoch": self.epoch, "incarnation": self.incarnation,
+                "principal": self.principal}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OwnershipRecord:

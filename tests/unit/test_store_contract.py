@@ -6,6 +6,7 @@ whose clock is its own, is watched until its sweep shows the lapse (a deadline, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -262,3 +263,13 @@ async def test_a_key_counts_only_against_the_principal_that_holds_it_now(h: Harn
     await h.lapse("node-a")  # swept with its node; then another principal activates the same name
     await h.store.grant("named", "node-b", B.incarnation, Quota("tenant-2", 1))
     assert (await h.store.grant("own", "node-b", B.incarnation, Quota("tenant-1", 1))).principal == "tenant-1"
+
+
+@pytest.mark.parametrize("record", [
+    NodeRecord("node-1", "http://127.0.0.1:9001", accepting=False, sessions=3, incarnation="i-1"),
+    OwnershipRecord("sid-1", "node-1", 7, incarnation="i-1", principal="p-1"),
+])
+def test_records_cross_the_link_and_redis_whole(record: NodeRecord | OwnershipRecord) -> None:
+    # Written out field by field for speed: every field must be there, and come back the same.
+    assert record.to_dict() == dataclasses.asdict(record)
+    assert type(record).from_dict(record.to_dict()) == record
