@@ -65,9 +65,9 @@ class Upstream(Protocol):
     async def receive(self) -> Inbound | None:
         """The next server message, or None when the server has gone. Raises `UpstreamError`."""
 
-    def deliver_to(self, sink: Callable[[Inbound], None]) -> bool:
-        """Hand each server message to `sink` as it comes, from now on, if this upstream can; False if
-        the actor must read them with `receive`. Either way `receive` still reports the end (None)."""
+    def deliver_to(self, sink: Callable[[Inbound], None]) -> None:
+        """Hand each server message to `sink` as it comes, from now on, if this upstream can; if not,
+        the actor reads them with `receive`. Either way `receive` still reports the end (None)."""
 
     async def background(self) -> None:
         """Work that runs as long as the session (stderr draining, the server's GET stream)."""
@@ -212,8 +212,8 @@ class StdioUpstream:
         stdin.write(orjson.dumps(message) + b"\n")
         return True
 
-    def deliver_to(self, sink: Callable[[Inbound], None]) -> bool:
-        return False  # lines are read by the actor's reader, which waits on the pipe anyway
+    def deliver_to(self, sink: Callable[[Inbound], None]) -> None:
+        """Lines are read by the actor's reader (`receive`), which waits on the pipe anyway."""
 
     async def receive(self) -> Inbound | None:
         """The next JSON-RPC message, or None at end of output. Lines that are not JSON are logged."""

@@ -65,9 +65,8 @@ class _HttpUpstream:
     async def receive(self) -> Inbound | None:
         return await self._inbox.get()
 
-    def deliver_to(self, sink: Callable[[Inbound], None]) -> bool:
-        self._sink = sink  # an answer reaches its client's stream from the task that read it
-        return True
+    def deliver_to(self, sink: Callable[[Inbound], None]) -> None:
+        self._sink = sink  # an answer reaches its client's stream from the task or callback that read it
 
     def _gone(self, why: str) -> None:
         log.warning("upstream.gone", extra={"detail": f"{self.url}: {why}"})
@@ -82,7 +81,8 @@ class _HttpUpstream:
 
     async def _events(self, resp: Response, parser: Parser,
                       related: RequestId | None, until: RequestId | None = None) -> bool:
-        """Read an SSE body into the inbox. True once the answer to `until` has come (the stream is done)."""
+        """Hand an SSE body's messages to the sink. True once the answer to `until` has come (the stream is
+        done)."""
         async for chunk in resp.chunks():
             try:
                 events = parser.feed(chunk)

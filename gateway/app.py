@@ -32,7 +32,7 @@ from actors.internal import (
 )
 from actors.mcp import MODERN_VERSIONS, SESSION_HEADER, VERSION_HEADER
 from actors.placement import Placement
-from actors.session import CHANNEL
+from actors.session import AUTO, CHANNEL, SSE
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING
 from actors.store.base import NodeRecord, OwnershipRecord, Store
@@ -281,7 +281,7 @@ class Gateway:
         config = self.config
         if method == "GET":
             return None
-        if (headers or {}).get(RESPONSE_HEADER) in ("sse", "auto"):  # the node pings a POST's stream while it waits
+        if (headers or {}).get(RESPONSE_HEADER) in (SSE, AUTO):  # the node pings a POST's stream while it waits
             return 3 * config.keepalive_interval + LINK_SLACK
         if method == "DELETE":
             return config.kill_grace + LINK_SLACK

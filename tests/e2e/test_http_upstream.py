@@ -15,6 +15,7 @@ from aiohttp import web
 from actors.http_client import HIGH_WATER, HttpClient
 from actors.upstream import Inbound
 from actors.upstream_http import StreamableHttpUpstream
+from tests.oracles import serving
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
               "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -66,13 +67,11 @@ async def server() -> AsyncIterator[tuple[str, list[int], asyncio.Event]]:
     app.router.add_post("/mcp", mcp)
     app.router.add_delete("/mcp", mcp)
     app.router.add_get("/mcp", stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/mcp", ports, done
-    done.set()
-    await runner.cleanup()
+    async with serving(app) as url:
+        try:
+            yield url, ports, done
+        finally:
+            done.set()  # held handlers return before the server stops
 
 
 class Sink:
