@@ -97,15 +97,14 @@ class EdgeRequest:
 
 
 class _Message:
-    """The request being read: its parts as llhttp reports them."""
+    """The request being read: its parts, read from its head and as llhttp reports them."""
 
-    __slots__ = ("url", "headers", "count", "body", "size", "length", "chunked", "complete", "refusal",
+    __slots__ = ("url", "headers", "body", "size", "length", "chunked", "complete", "refusal",
                  "method", "keep_alive", "legacy")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers = Headers()
-        self.count = 0
         self.body: list[bytes] = []
         self.size = 0
         self.length = 0  # Content-Length, 0 when absent
@@ -180,31 +179,6 @@ class EdgeConnection(asyncio.Protocol):
     # After a chunked body the parser reads on into whatever follows; that is never answered (the
     # connection closes), so the callbacks ignore it.
 
-    def on_url(self, url: bytes) -> None:
-        m = self.message
-        if m is None or m.complete:
-            return
-        m.url += url
-        if len(m.url) > self.limit and m.refusal is None:
-            m.refusal = BadRequest(f"Bad Request: Got more than {self.limit} bytes in the request line")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        m = self.message
-        if m is None or m.complete:
-            return
-        m.count += 1
-        if m.refusal is not None:
-            return
-        if len(name) + len(value) + 2 > self.limit:
-            m.refusal = BadRequest(f"Bad Request: Got more than {self.limit} bytes in the header line "
-                                   f"{name.decode('latin-1')}")
-        elif m.count > MAX_HEADERS:
-            m.refusal = BadRequest(f"Bad Request: Too many headers (more than {MAX_HEADERS})")
-        else:
-            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-            old = _get(m.headers, key)
-            dict.__setitem__(m.headers, key, text if old is None else f"{old}, {text}")
-
     def on_headers_complete(self) -> None:
         m = self.message
         if m is None or m.complete:
@@ -265,6 +239,8 @@ class EdgeConnection(asyncio.Protocol):
         head = bytes(buf[:end + 4])
         del buf[:end + 4]
         self.message = m = _Message()
+        m.url = parts[1]
+        self._fields(m, head.decode("latin-1"), first, end)
         try:
             if not self._feed(head):
                 return False
@@ -284,6 +260,27 @@ class EdgeConnection(asyncio.Protocol):
                 self._write(_CONTINUE)
             self._deadline(self.edge.gateway.config.client_body_timeout, self._body_late)
         return not self.dropping
+
+    def _fields(self, m: _Message, head: str, first: int, end: int) -> None:
+        """Read the header fields of a head, all at once, and hold them to the edge's limits. llhttp
+        then judges the same head (and what is read here counts only if it passes), so the pattern
+        need only split well-formed lines (`name:OWS value OWS`, no folding, no bare LF), and a field's value
+        loses the whitespace around it (RFC 9110 5.5)."""
+        limit = self.limit
+        if len(m.url) > limit:
+            m.refusal = BadRequest(f"Bad Request: Got more than {limit} bytes in the request line")
+        lines = head[first + 2:end].split("\r\n") if end > first else []
+        if len(lines) > MAX_HEADERS and m.refusal is None:
+            m.refusal = BadRequest(f"Bad Request: Too many headers (more than {MAX_HEADERS})")
+        fields: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            key, value = name.lower(), value.strip(" \t")
+            if len(line) + 2 > limit and m.refusal is None:
+                m.refusal = BadRequest(f"Bad Request: Got more than {limit} bytes in the header line {name}")
+            old = _get(fields, key)
+            fields[key] = value if old is None else f"{old}, {value}"  # a repeated field is one list
+        m.headers = Headers(fields)
 
     def _read_body(self) -> bool:
         """Feed the parser what the buffer holds of the body; True once the request is whole."""

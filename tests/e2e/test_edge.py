@@ -167,6 +167,28 @@ async def test_repeated_session_headers_are_joined_and_refused(tether: TetherUp,
         assert status == 400 and "visible ASCII" in error_message(answer)
 
 
+async def test_field_values_lose_their_whitespace_and_repeated_fields_join(tether: TetherUp, sid: str) -> None:
+    """RFC 9110 5.5 and 5.3: a field value excludes the whitespace around it, and a field sent twice
+    is one list."""
+    body = orjson.dumps(call_tool(9, "increment"))
+    request = (f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type:application/json \t\r\n"
+               f"Accept: application/json\r\nACCEPT: text/event-stream\r\nMcp-Session-Id: \t{sid}  \r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    async with wire(tether) as w:
+        w.send(request)
+        status, headers, answer = await w.answer()
+        assert (status, headers["content-type"], result_text(answer)) == (200, "application/json", "1")
+
+
+async def test_folded_and_spaced_field_lines_are_400(tether: TetherUp, sid: str) -> None:
+    for line in (b"X-Folded: a\r\n b\r\n", b"X-Spaced : a\r\n"):
+        async with wire(tether) as w:
+            w.send(post(sid, call_tool(9, "increment"), extra=line.decode()))
+            status, _, answer = await w.answer()
+            assert status == 400 and "malformed HTTP request" in error_message(answer), line
+            assert await w.closed()
+
+
 async def test_garbage_is_400_and_closes(tether: TetherUp) -> None:
     async with wire(tether) as w:
         w.send(b"POST /mcp HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 13\r\n\r\n")
