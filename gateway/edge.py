@@ -120,7 +120,7 @@ class EdgeConnection(asyncio.Protocol):
     """One client connection: reads requests one at a time, answers each in a task it owns."""
 
     __slots__ = ("edge", "limit", "parser", "buffer", "transport", "remote", "message", "remaining", "task",
-                 "timer", "drained", "keep_alive", "dropping", "reading", "lost")
+                 "loop", "timer", "due", "then", "drained", "keep_alive", "dropping", "reading", "lost")
 
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -132,7 +132,10 @@ class EdgeConnection(asyncio.Protocol):
         self.message: _Message | None = None  # the request being read
         self.remaining = 0  # its Content-Length bytes still to come; -1 for a chunked body
         self.task: asyncio.Task[None] | None = None  # the request being answered
-        self.timer: asyncio.TimerHandle | None = None  # the header or body deadline
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timer: asyncio.TimerHandle | None = None  # wakes the connection at or before `due`
+        self.due: float | None = None  # when the header or body deadline runs out, by the loop's clock
+        self.then: Callable[[], None] | None = None  # what happens then
         self.drained: asyncio.Future[None] | None = None  # set while the client's socket is full
         self.keep_alive = True
         self.dropping = False  # refused: what the client still sends is read and dropped
@@ -143,6 +146,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if peer else None
         self.edge.connections.add(self)
@@ -160,7 +164,7 @@ class EdgeConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.edge.connections.discard(self)
-        self._deadline(None)
+        self._disarm()
         if self.task is not None:
             self.task.cancel()  # the client left: stop its work (closing a link response tells the node)
         if self.drained is not None and not self.drained.done():
@@ -168,7 +172,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.drained is None or self.drained.done():
-            self.drained = asyncio.get_running_loop().create_future()
+            self.drained = self.loop.create_future()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         if self.drained is not None and not self.drained.done():
@@ -430,7 +434,7 @@ class EdgeConnection(asyncio.Protocol):
         """Give the connection, and the bytes of its next request, to aiohttp's server."""
         transport = self.transport
         assert transport is not None
-        self._deadline(None)
+        self._disarm()
         self.edge.connections.discard(self)
         data = bytes(self.buffer)
         self.buffer.clear()
@@ -449,14 +453,39 @@ class EdgeConnection(asyncio.Protocol):
             (self.transport.resume_reading if on else self.transport.pause_reading)()
 
     def _deadline(self, seconds: float | None, then: Callable[[], None] | None = None) -> None:
+        """Call `then` once `seconds` have passed, unless another deadline (or None) replaces it first.
+        A request moves the deadline twice; that moves a number, not a timer: the connection's one
+        timer, when it fires for a deadline that has since moved later, sleeps again until the new one."""
+        if seconds is None or then is None:
+            self.due = None
+            return
+        loop = self.loop
+        assert loop is not None
+        self.due, self.then = loop.time() + seconds, then
+        if self.timer is None or self.timer.when() > self.due:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_at(self.due, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.due is None or self.loop is None or self.then is None:
+            return
+        if self.loop.time() < self.due:
+            self.timer = self.loop.call_at(self.due, self._expire)
+        else:
+            then, self.due, self.then = self.then, None, None
+            then()
+
+    def _disarm(self) -> None:
+        """No deadline, and no timer left holding the connection."""
+        self.due = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if seconds is not None and then is not None:
-            self.timer = asyncio.get_running_loop().call_later(seconds, then)
 
     def _close(self) -> None:
-        self._deadline(None)
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
 

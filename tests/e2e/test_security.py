@@ -326,6 +326,32 @@ async def _put(client: RawClient, sid: str) -> tuple[int | None, bytes]:
         return resp.status, await resp.read()
 
 
+async def test_a_kept_alive_connection_idle_for_the_header_timeout_is_closed(guarded: Guarded,
+                                                                            alice: RawClient) -> None:
+    """Each answer starts the wait for the next request's head afresh; once a connection has been idle
+    `client_header_timeout` since its last answer, the gateway closes it (no earlier)."""
+    sid = await alice.initialize()
+    timeout = float(LIMITS["client_header_timeout"])
+    host, port = guarded.up.base_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    keep = request_bytes(sid, orjson.dumps(LIST), guarded.auth("alice")).replace(b"Connection: close\r\n", b"")
+    try:
+        async with asyncio.timeout(timeout * 5):
+            for _ in range(2):
+                writer.write(keep)
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                assert b'"tools"' in await reader.readexactly(length)
+            answered = time.monotonic()
+            assert await reader.read(1) == b""  # closed by the gateway
+            assert time.monotonic() - answered >= timeout * 0.9
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
 # -- logs --------------------------------------------------------------------------
 
 
