@@ -79,7 +79,8 @@ class SessionActor:
         self.principal = ""  # the tag of the principal that created it; "" without authentication
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # a named session's: clients that join it get it too
-        self._timers: dict[RequestId, asyncio.TimerHandle] = {}
+        self._due: dict[RequestId, float] = {}  # when each pending request times out: earliest first
+        self._timer: asyncio.TimerHandle | None = None  # due at or before the earliest of them
         self._changed = Broadcast()  # notified whenever any stream gets an event
         self._initialized_sent = False
         self._writer_idle = False  # the writer waits on an empty mailbox: a message may go straight out
@@ -151,15 +152,26 @@ class SessionActor:
             self.tokens[token] = request_id
             self._token_of[request_id] = token
         loop = asyncio.get_running_loop()
-        self._timers[request_id] = loop.call_later(self.limits.request_timeout, self._expire, request_id)
+        self._due[request_id] = due = loop.time() + self.limits.request_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._expire)
 
-    def _expire(self, request_id: RequestId) -> None:
-        """The upstream took too long: answer the client with an error and tell the upstream to stop."""
-        if request_id not in self.pending:
-            return
+    def _expire(self) -> None:
+        """Answer each request the upstream took too long over with an error, and tell the upstream to
+        stop. Every request gets the same timeout, so the earliest due is the oldest pending: one timer
+        a session serves them all, set again for the next only when it fires (an answer moves nothing)."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         reason = f"Upstream did not answer within {self.limits.request_timeout:g}s"
-        self.deliver(error_response(request_id, REQUEST_TIMEOUT, reason))
-        self._cancel_upstream(request_id, reason)
+        for request_id, due in list(self._due.items()):
+            if due > now:
+                self._timer = loop.call_at(due, self._expire)
+                return
+            if request_id in self.pending:
+                self.deliver(error_response(request_id, REQUEST_TIMEOUT, reason))
+                self._cancel_upstream(request_id, reason)
+            self._due.pop(request_id, None)
 
     def _cancel_upstream(self, request_id: RequestId, reason: str) -> None:
         """Tell the upstream a request is no longer wanted (best effort: never blocks, never overfills)."""
@@ -297,8 +309,7 @@ class SessionActor:
     def _release(self, request_id: RequestId) -> None:
         """Forget a request: it is answered, or nobody waits for it any more."""
         del self.pending[request_id]
-        if (timer := self._timers.pop(request_id, None)) is not None:
-            timer.cancel()
+        self._due.pop(request_id, None)
         if (token := self._token_of.pop(request_id, None)) is not None:
             self.tokens.pop(token, None)
 
@@ -329,8 +340,9 @@ class SessionActor:
         self._closing = True
         self._writer_idle = False  # nothing more goes to the upstream
         self._notify()  # readers see the session is over once they have what is left
-        for timer in self._timers.values():
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await self._tasks.close()
         detail = await self.upstream.stop(self.limits.kill_grace)
         log.info("session.ended", extra={"node": self.record.node_id, "sid": self.tag, "reason": self.ended,

@@ -27,6 +27,7 @@ from tests.support import (
     sse_messages,
     wait_until,
 )
+from tether.errors import REQUEST_TIMEOUT
 
 LIST = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
 
@@ -144,6 +145,28 @@ async def test_a_stalled_node_is_answered_with_504_not_a_hang(tmp_path: Path,
         assert status == 504
         assert "did not answer within 6s" in orjson.loads(body)["error"]["message"]
         assert (await raw.call(sid, LIST))["result"]["tools"]  # resumed, the session is intact
+    finally:
+        assert up.stop() == 0
+
+
+async def test_requests_the_server_sits_on_are_answered_with_a_timeout_error(tmp_path: Path,
+                                                                             http: aiohttp.ClientSession) -> None:
+    """Each request the server has not answered within `upstream_request_timeout` gets a JSON-RPC error
+    and the server a notifications/cancelled; the session answers the next request as before."""
+    up = start_tether(tmp_path, "--upstream-request-timeout", "1")
+    raw = RawClient(http, up.mcp_url)
+    slow = [call_tool(10 + i, "count_slowly", {"steps": 2, "interval": 60}) for i in range(2)]
+    try:
+        sid = await raw.initialize()
+        async with asyncio.TaskGroup() as group:
+            first = group.create_task(raw.post(slow[0], sid=sid, accept="application/json"))
+            assert (await raw.call(sid, LIST))["result"]["tools"]  # the session works while one waits
+            second = group.create_task(raw.post(slow[1], sid=sid, accept="application/json"))
+        for request, (status, _, body) in zip(slow, (first.result(), second.result()), strict=True):
+            answer = orjson.loads(body)
+            assert (status, answer["id"], answer["error"]["code"]) == (200, request["id"], REQUEST_TIMEOUT)
+            assert "did not answer within 1s" in answer["error"]["message"]
+        assert (await raw.call(sid, LIST))["result"]["tools"]
     finally:
         assert up.stop() == 0
 
