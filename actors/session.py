@@ -13,7 +13,6 @@ where a reader that comes back with `Last-Event-ID` finds them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
@@ -33,6 +32,7 @@ from actors.mcp import (
 from actors.store.base import OwnershipRecord
 from actors.upstream import Inbound, Upstream
 from actors.waiting import Broadcast, Inbox, Latch
+from actors.wheel import Deadlines
 from tether.errors import CONNECTION_CLOSED, REQUEST_TIMEOUT, BadRequest, Conflict, Overloaded, UpstreamError
 from tether.logs import sid_tag
 from tether.tasks import TaskSet
@@ -79,8 +79,7 @@ class SessionActor:
         self.principal = ""  # the tag of the principal that created it; "" without authentication
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # a named session's: clients that join it get it too
-        self._due: dict[RequestId, float] = {}  # when each pending request times out: earliest first
-        self._timer: asyncio.TimerHandle | None = None  # due at or before the earliest of them
+        self._deadlines: Deadlines[RequestId] = Deadlines(limits.request_timeout, self._expire)
         self._changed = Broadcast()  # notified whenever any stream gets an event
         self._initialized_sent = False
         self._writer_idle = False  # the writer waits on an empty mailbox: a message may go straight out
@@ -151,27 +150,15 @@ class SessionActor:
         if isinstance(token, str | int):
             self.tokens[token] = request_id
             self._token_of[request_id] = token
-        loop = asyncio.get_running_loop()
-        self._due[request_id] = due = loop.time() + self.limits.request_timeout
-        if self._timer is None:
-            self._timer = loop.call_at(due, self._expire)
+        self._deadlines.add(request_id)
 
-    def _expire(self) -> None:
-        """Answer each request the upstream took too long over with an error, and tell the upstream to
-        stop. Every request gets the same timeout, so the earliest due is the oldest pending: one timer
-        a session serves them all, set again for the next only when it fires (an answer moves nothing)."""
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def _expire(self, request_id: RequestId) -> None:
+        """The upstream took too long: answer the client with an error and tell the upstream to stop."""
+        if request_id not in self.pending:
+            return
         reason = f"Upstream did not answer within {self.limits.request_timeout:g}s"
-        for request_id, due in list(self._due.items()):
-            if due > now:
-                self._timer = loop.call_at(due, self._expire)
-                return
-            if request_id in self.pending:
-                self.deliver(error_response(request_id, REQUEST_TIMEOUT, reason))
-                self._cancel_upstream(request_id, reason)
-            self._due.pop(request_id, None)
+        self.deliver(error_response(request_id, REQUEST_TIMEOUT, reason))
+        self._cancel_upstream(request_id, reason)
 
     def _cancel_upstream(self, request_id: RequestId, reason: str) -> None:
         """Tell the upstream a request is no longer wanted (best effort: never blocks, never overfills)."""
@@ -309,7 +296,7 @@ class SessionActor:
     def _release(self, request_id: RequestId) -> None:
         """Forget a request: it is answered, or nobody waits for it any more."""
         del self.pending[request_id]
-        self._due.pop(request_id, None)
+        self._deadlines.discard(request_id)
         if (token := self._token_of.pop(request_id, None)) is not None:
             self.tokens.pop(token, None)
 
@@ -340,9 +327,7 @@ class SessionActor:
         self._closing = True
         self._writer_idle = False  # nothing more goes to the upstream
         self._notify()  # readers see the session is over once they have what is left
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadlines.close()
         await self._tasks.close()
         detail = await self.upstream.stop(self.limits.kill_grace)
         log.info("session.ended", extra={"node": self.record.node_id, "sid": self.tag, "reason": self.ended,

@@ -26,6 +26,7 @@ from actors.mcp import SESSION_HEADER, VERSION_HEADER, RequestId, error_response
 from actors.sse import Parser
 from actors.upstream import Inbound
 from actors.waiting import Inbox, Latch
+from actors.wheel import Deadlines
 from tether.errors import INTERNAL_ERROR, UpstreamError
 from tether.tasks import TaskSet
 
@@ -117,7 +118,8 @@ class StreamableHttpUpstream(_HttpUpstream):
         self.version: str | None = None
         self._initialized = Latch()  # the session is open: the GET stream may start
         self._post_head: tuple[tuple[str | None, str | None], Prepared] | None = None
-        self.posted: set[_Posted] = set()  # requests whose answers the connections' callbacks read
+        # Requests whose answers the connections' callbacks read, each given up on if none has come in time.
+        self.posted: Deadlines[_Posted] = Deadlines(request_timeout + 5.0, _Posted.give_up)
 
     def describe(self) -> str:
         return f"{self.url} session {self.session_id or '(none yet)'}"
@@ -286,8 +288,9 @@ class StreamableHttpUpstream(_HttpUpstream):
             await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
 
     async def stop(self, grace: float) -> str:
-        for posted in list(self.posted):
+        for posted, _ in self.posted.items():
             posted.abandon()
+        self.posted.close()
         await self._tasks.close(timeout=grace)
         if not self.session_id:
             return "no upstream session"
@@ -303,19 +306,21 @@ class _Posted:
     """A request sent on an idle connection, its answer read in the connection's callbacks: a JSON
     answer costs no task. Anything else (a stream, an error to read) goes to a task (`_finish`)."""
 
-    __slots__ = ("upstream", "message", "resp", "timer")
+    __slots__ = ("upstream", "message", "resp")
 
     def __init__(self, upstream: StreamableHttpUpstream, message: Mapping[str, Any]) -> None:
         self.upstream = upstream
         self.message = message
         self.resp: Response | None = None
-        self.timer: asyncio.TimerHandle | None = None
 
     def started(self, resp: Response) -> None:
         self.resp = resp
         self.upstream.posted.add(self)
-        self.timer = asyncio.get_running_loop().call_later(self.upstream._request_timeout + 5.0,
-                                                           resp._fail, TimeoutError())
+
+    def give_up(self) -> None:
+        """No answer in time: the connection reads it as a timeout (and the listener reports it)."""
+        if self.resp is not None:
+            self.resp._fail(TimeoutError())
 
     def arrived(self, resp: Response) -> None:
         upstream, message = self.upstream, self.message
@@ -334,8 +339,6 @@ class _Posted:
             upstream._tasks.spawn(upstream._finish(message, resp), "post")
 
     def _done(self, resp: Response, release: bool = True) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         self.upstream.posted.discard(self)
         if release:
             resp.listener = None

@@ -96,3 +96,61 @@ class Wheel(Generic[T]):
                     self._place(item, max(due, now + self._step), arm=False)  # never again in this tick
         if self._slots:
             self._arm(min(self._slots))
+
+
+class Deadlines(Generic[T]):
+    """Items that each run out `timeout` after they were added, unless discarded first: requests
+    waiting for their answers. All wait as long, so the earliest due is the oldest item: one timer,
+    set for it, serves them all, and discarding an item (its answer came) touches no timer. When the
+    timer fires it expires every item due and sleeps again until the next. A timer made and
+    cancelled per request cost more than the rest of a request's bookkeeping."""
+
+    def __init__(self, timeout: float, expire: Callable[[T], None],
+                 clock: Callable[[], float] | None = None) -> None:
+        self.timeout = timeout
+        self._expire = expire  # called with an item once it is due (it is off the list by then)
+        self._clock = clock  # None: the running loop's
+        self._due: dict[T, float] = {}  # insertion order is due order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, item: T) -> bool:
+        return item in self._due
+
+    def items(self) -> list[tuple[T, float]]:
+        """The items and when each is due, earliest first."""
+        return list(self._due.items())
+
+    def add(self, item: T) -> None:
+        """Expire `item` once `timeout` has passed from now (from now again, if it is here already)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time() if self._clock is None else self._clock()
+        self._due.pop(item, None)
+        self._due[item] = due = now + self.timeout
+        if self._timer is None:
+            self._timer = loop.call_later(due - now, self._fire)
+
+    def discard(self, item: T) -> None:
+        self._due.pop(item, None)
+
+    def close(self) -> None:
+        """Stop the timer; items still here stay, and expire only if `add` arms it again."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() if self._clock is None else self._clock()
+        for item, due in list(self._due.items()):
+            if due > now:
+                self._timer = loop.call_later(due - now, self._fire)
+                return
+            del self._due[item]
+            try:
+                self._expire(item)
+            except Exception:  # one failing must not leave the rest waiting for ever
+                log.exception("deadline.expire_failed", extra={"detail": repr(item)})

@@ -136,15 +136,18 @@ async def test_an_answer_that_never_comes_is_an_error_and_ending_closes_its_conn
     up, sink = upstream
     assert up.send_now(call(1, "json"))
     await sink.answer(1)
-    assert up.send_now(call(2, "silent"))  # on the idle connection: read in its callbacks
-    assert len(up.posted) == 1
-    answer = await sink.answer(2, timeout=up._request_timeout + 10)
-    assert "TimeoutError" in answer["error"]["message"]
+    assert up.send_now(call(5, "json")) and up.send_now(call(6, "json"))  # the second opens a connection
+    await sink.answer(5), await sink.answer(6)
+    assert up.send_now(call(2, "silent")) and up.send_now(call(7, "silent"))  # one on each idle connection,
+    assert len(up.posted) == 2  # both read in callbacks
+    for silent in (2, 7):
+        answer = await sink.answer(silent, timeout=up._request_timeout + 10)
+        assert "TimeoutError" in answer["error"]["message"]
     assert not up.posted
     assert up.send_now(call(3, "json"))  # the timed-out answer's connection was closed: a new one
     await sink.answer(3)
     assert up.send_now(call(4, "silent"))
-    (posted,) = up.posted
+    ((posted, _),) = up.posted.items()
     assert posted.resp is not None
     connection = posted.resp._conn
     await up.stop(1.0)

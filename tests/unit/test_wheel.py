@@ -9,7 +9,7 @@ import time
 import pytest
 
 from actors.lease import IdleLease
-from actors.wheel import Wheel
+from actors.wheel import Deadlines, Wheel
 
 STEP = 0.02
 
@@ -112,3 +112,51 @@ async def test_a_check_that_fails_is_logged_and_tried_again_and_the_others_go_on
     assert tries == {"broken": 3, "fine": 1}
     assert [r.message for r in caplog.records].count("wheel.check_failed") == 2
     assert len(wheel) == 0 and wheel._timer is None
+
+
+async def test_deadlines_expire_the_oldest_first_from_one_timer() -> None:
+    """Items expire `timeout` after they were added, oldest first; an answer (discard) or an add while
+    the timer runs makes no timer; the timer, when it fires early for what is left, is set again."""
+    now = [100.0]
+    expired: list[str] = []
+    deadlines: Deadlines[str] = Deadlines(1.0, expired.append, clock=lambda: now[0])
+    deadlines.add("a")  # due 101.0
+    timer = deadlines._timer
+    now[0] = 100.5
+    deadlines.add("b")  # due 101.5
+    deadlines.add("answered")
+    deadlines.discard("answered")
+    assert deadlines._timer is timer and len(deadlines) == 2 and "answered" not in deadlines
+    deadlines.close()  # the test fires it by hand, at the clock it sets
+    now[0] = 101.0
+    deadlines._fire()
+    assert expired == ["a"] and [item for item, _ in deadlines.items()] == ["b"]
+    assert deadlines._timer is not None  # set again, for "b"
+    deadlines.close()
+    now[0] = 101.5
+    deadlines._fire()
+    assert expired == ["a", "b"] and len(deadlines) == 0 and deadlines._timer is None
+
+
+async def test_deadlines_on_the_loop_clock_expire_in_time_and_survive_a_failing_expiry() -> None:
+    loop = asyncio.get_running_loop()
+    expired: dict[str, float] = {}
+    done = asyncio.Event()
+
+    def expire(item: str) -> None:
+        expired[item] = loop.time()
+        if item == "broken":
+            raise RuntimeError("an expiry that fails")
+        if len(expired) == 3:
+            done.set()
+
+    deadlines: Deadlines[str] = Deadlines(STEP, expire)
+    added = {}
+    for item in ("broken", "first", "second"):
+        added[item] = loop.time()
+        deadlines.add(item)
+    await asyncio.wait_for(done.wait(), 10)
+    assert list(expired) == ["broken", "first", "second"]
+    for item, at in expired.items():
+        assert at >= added[item] + STEP - 0.002, f"{item} expired early"
+    assert len(deadlines) == 0 and deadlines._timer is None
