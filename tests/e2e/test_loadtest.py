@@ -214,3 +214,23 @@ async def test_compare_interleaves_recipes_and_measures_the_proxy_alone() -> Non
     assert tether["cpu_ms_per_request"] > 0 and tether["throughput_rps"] > 0
     with pytest.raises(ValueError, match="supergateway cannot front a http upstream"):
         await compare("tools", Options(""), ["supergateway"], "http", 1)
+
+
+def test_instructions_counts_each_process_of_tether_under_callgrind(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.json"
+    done = subprocess.run([sys.executable, "-m", "loadtest.instructions", "--requests", "60", "--warmup", "20",
+                           "--sessions", "4", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = orjson.loads(out.read_bytes())
+    per = result["instructions_per_request"]
+    assert (result["requests"], result["errors"], result["violations"]) == (60, 0, 0)
+    # Python answering a request runs tens of thousands of instructions at the least, in each process.
+    assert per["gateway"] > 20_000 and per["node"] > 20_000
+    assert abs(per["total"] - per["gateway"] - per["node"]) <= 1  # each rounded on its own
+    assert "gateway" in done.stdout and "node" in done.stdout
+
+
+def test_instructions_refuses_a_bad_count() -> None:
+    done = subprocess.run([sys.executable, "-m", "loadtest.instructions", "--requests", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "must be at least 1" in done.stderr
