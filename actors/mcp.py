@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from tether.errors import BadRequest
 
@@ -94,9 +93,9 @@ def allows_batch(version: str) -> bool:
     return version < NO_BATCH_SINCE
 
 
-@dataclass(frozen=True)
-class Destination:
-    """Where an upstream message goes: the stream of a pending request, or the session's GET stream."""
+class Destination(NamedTuple):
+    """Where an upstream message goes: the stream of a pending request, or the session's GET stream.
+    (A tuple: one is made for every upstream message.)"""
 
     request_id: RequestId | None  # None: the GET stream (or the event log while none is open)
     final: bool = False  # a response: the request's stream may close after it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from actors.mcp import Kind
 from tether.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -35,7 +36,7 @@ class NodeMetrics:
             ["node"], registry=r).labels(node_id)
         messages = Counter("tether_actor_messages_total", "Client messages forwarded upstream, by kind",
                            ["node", "kind"], registry=r)
-        self.messages = {kind: messages.labels(node_id, kind) for kind in ("request", "notification", "response")}
+        self.messages = {kind: messages.labels(node_id, kind.value) for kind in Kind}
         self.request_seconds = Histogram(
             "tether_actor_request_seconds", "From a request reaching the actor to its last answer",
             ["node"], buckets=LATENCY_BUCKETS, registry=r).labels(node_id)

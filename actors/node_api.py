@@ -153,7 +153,7 @@ async def post_message(node: Node, call: Call, reply: Reply) -> None:
     messages = _parse(call.body)
     stream = actor.submit(messages, mode)
     for message in messages:
-        node.metrics.messages[kind_of(message).value].inc()
+        node.metrics.messages[kind_of(message)].inc()
     if stream is None:
         return await reply.answer(202)
     started = node.clock()
@@ -180,7 +180,7 @@ def _to_channel(node: Node, actor: SessionActor, body: bytes) -> None:
         actor.report(error_response(first if isinstance(first, str | int) else None,
                                     exc.rpc_code or INVALID_REQUEST, exc.message, exc.data))
     for message in messages:
-        node.metrics.messages[kind_of(message).value].inc()
+        node.metrics.messages[kind_of(message)].inc()
 
 
 async def _create(node: Node, call: Call, messages: list[Message], mode: str, reply: Reply) -> None:

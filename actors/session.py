@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from actors.events import EventId, EventLog, StreamLog
 from actors.lease import IdleLease
 from actors.mcp import (
-    Kind,
     Message,
     RequestId,
     error_response,
-    kind_of,
     progress_token,
     route_upstream,
 )
@@ -116,12 +114,24 @@ class SessionActor:
         whose answers go on its channel). Raises `Overloaded` when the mailbox
         is full, `BadRequest` for a request id already in flight.
         """
-        messages = [m for m in messages if not self._repeated_initialized(m)]
-        initialized = any(m.get("method") == "notifications/initialized" for m in messages)
-        requests = [m for m in messages if kind_of(m) is Kind.REQUEST]
-        ids = [m["id"] for m in requests]
-        if len(set(ids)) != len(ids) or any(i in self.pending for i in ids):
-            raise BadRequest("Invalid Request: a request with this id is already in flight in this session")
+        kept: list[Message] = []
+        requests: list[Message] = []
+        ids: set[RequestId] = set()
+        initialized = False
+        for m in messages:  # one pass: a POST is nearly always one message
+            method = m.get("method")
+            if method == "notifications/initialized" and "id" not in m:
+                if self._initialized_sent:
+                    continue  # the upstream hears it once, however many clients share a named session
+                initialized = True
+            elif method is not None and "id" in m:
+                request_id = m["id"]
+                if request_id in ids or request_id in self.pending:
+                    raise BadRequest("Invalid Request: a request with this id is already in flight in this session")
+                ids.add(request_id)
+                requests.append(m)
+            kept.append(m)
+        messages = kept
         if (self.mailbox.room or 0) < len(messages):
             raise Overloaded(f"Session busy: {self.mailbox.maxsize} messages already queued for the server",
                              retry_after=1.0)
@@ -166,11 +176,6 @@ class SessionActor:
                 "params": {"requestId": request_id, "reason": reason}}
         if self.mailbox.room and self.ended is None:
             self.mailbox.put(note)
-
-    def _repeated_initialized(self, message: Message) -> bool:
-        """The upstream hears notifications/initialized once, however many clients share a named session."""
-        return message.get("method") == "notifications/initialized" and "id" not in message \
-            and self._initialized_sent
 
     def report(self, message: Message) -> None:
         """Put a message of Tether's own (an error for a message the session refused) on the channel."""
@@ -263,7 +268,8 @@ class SessionActor:
 
     def deliver(self, message: Message, related: RequestId | None = None) -> None:
         """Put one upstream message on exactly one client stream."""
-        destination = route_upstream(message, self.pending, self.tokens, related=related, sole=self._sole())
+        sole = self._sole() if "method" in message else None  # only a server's own message may need it
+        destination = route_upstream(message, self.pending, self.tokens, related=related, sole=sole)
         stream = self.pending.get(destination.request_id) if destination.request_id is not None else None
         if stream is None or (not stream.logged and not stream.undecided and not destination.final):
             stream = self.log.get_stream()  # a JSON answer carries responses only
