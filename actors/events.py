@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tether.errors import BadRequest, CursorExpired
 
@@ -36,8 +35,9 @@ def _push(queue: deque[Any], item: Any) -> deque[Any]:
     return queue
 
 
-@dataclass(frozen=True, order=True)
-class EventId:
+class EventId(NamedTuple):
+    """An SSE event's id: its stream and its place in it. (A tuple: every event a reader reads makes one.)"""
+
     stream: int
     seq: int
 

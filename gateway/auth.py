@@ -19,9 +19,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import jwt
@@ -50,9 +49,8 @@ def principal_tag(name: str) -> str:
     return hashlib.sha256(b"tether-principal:" + name.encode()).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who made a request, as far as sessions and quotas are concerned."""
+class Principal(NamedTuple):
+    """Who made a request, as far as sessions and quotas are concerned. (A tuple: every request makes one.)"""
 
     name: str  # as authenticated; "" when authentication is off
     quota_key: str  # whose quotas the request counts against: the name, or "addr:" and the client address

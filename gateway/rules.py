@@ -12,6 +12,7 @@ import base64
 import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -119,16 +120,12 @@ def session_id(header: str | None) -> str | None:
     return header
 
 
-@dataclass(frozen=True)
-class Post:
-    """A parsed, checked POST body."""
+class Post(NamedTuple):
+    """A parsed, checked POST body. (A tuple: every POST makes one.)"""
 
     messages: tuple[Message, ...]
     batch: bool
-
-    @property
-    def initialize(self) -> bool:
-        return any(m.get("method") == "initialize" for m in self.messages)
+    initialize: bool  # it holds an initialize request
 
     @property
     def has_requests(self) -> bool:
@@ -152,11 +149,12 @@ def parse_post(body: bytes, version: str, *, max_depth: int) -> Post:
             raise BadRequest(f"Invalid Request: JSON-RPC batches are not allowed in protocol revision {version}")
         if not data:
             raise BadRequest("Invalid Request: an empty batch")
-        post = Post(tuple(check_message(m) for m in data), batch=True)
-        if post.initialize:
+        messages = tuple(check_message(m) for m in data)
+        if any(m.get("method") == "initialize" for m in messages):
             raise BadRequest("Invalid Request: initialize must not be part of a batch")
-        return post
-    return Post((check_message(data),), batch=False)
+        return Post(messages, True, False)
+    message = check_message(data)
+    return Post((message,), False, message.get("method") == "initialize")
 
 
 # 2026-07-28 (SEP-2243): the body field that `Mcp-Name` mirrors, for the methods that name a target.
