@@ -338,7 +338,12 @@ class EdgeConnection(asyncio.Protocol):
         method = request.method
         sent = False
         try:
-            answer = await self._decide(request, body)
+            try:  # each layer of coroutines here is entered again when the answer wakes the request
+                principal = await gw.admit(request)
+            except TetherError as exc:
+                answer = Answer.error(exc)
+            else:
+                answer = await answer_mcp(gw, request, principal, body)
             del request, body  # a stream may go on for hours: it keeps only what it needs
             sent = True
             status = answer.status
@@ -360,14 +365,6 @@ class EdgeConnection(asyncio.Protocol):
         finally:
             self.task = None
             self._next()
-
-    async def _decide(self, request: EdgeRequest, body: bytes) -> Answer:
-        gw = self.edge.gateway
-        try:
-            principal = await gw.admit(request)
-        except TetherError as exc:
-            return Answer.error(exc)
-        return await answer_mcp(gw, request, principal, body)
 
     async def _stream(self, head: bytes, stream: LinkResponse, legacy: bool) -> None:
         """Pipe a node's SSE stream to the client, in chunks (to the close, for an HTTP/1.0 client)."""
