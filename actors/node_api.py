@@ -240,7 +240,8 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
             await reply.write(_priming(node, stream, after) if primed else b"")
             primed = False
         keepalive = None if call.method == "GET" else node.config.keepalive_interval
-        async with contextlib.aclosing(actor.read(stream, after, keepalive)) as items:
+        items = actor.read(stream, after, keepalive)
+        try:  # what contextlib.aclosing does, without its two coroutines a request
             async for item in items:
                 last = item is not None and stream.finished and item[0].seq >= stream.last_seq
                 if whole and last and item is not None:
@@ -257,6 +258,8 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
                     stream.delivered = max(stream.delivered, item[0].seq)  # read() is closed before it can
                     return
                 await reply.write(chunk)
+        finally:
+            await items.aclose()
         await reply.end(_priming(node, stream, after) if primed else b"")
     except CursorExpired:
         log.warning("stream.fell_behind", extra={"sid": actor.tag, "count": actor.log.limit})
@@ -317,9 +320,10 @@ class NodeWire(Wire):
     def frame_received(self, frame: mux.Frame) -> None:
         if frame.kind == mux.REQUEST:
             method, sid, headers = frame.head
+            actor = self.node.actors.get(sid)  # its tag names the task; hashing the id costs more than a lookup
             self.running[frame.xid] = self._exchanges.spawn(
                 _exchange(self.node, Call(method, sid, headers, frame.body), Reply(self, frame.xid), self.running),
-                sid_tag(sid))
+                actor.tag if actor is not None else sid_tag(sid))
         elif frame.kind == mux.CANCEL and frame.xid in self.running:
             self.running.pop(frame.xid).cancel()
 
