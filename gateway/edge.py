@@ -244,7 +244,7 @@ class EdgeConnection(asyncio.Protocol):
         del buf[:end + 4]
         self.message = m = _Message()
         m.url = parts[1]
-        self._fields(m, head.decode("latin-1"), first, end)
+        self._read_fields(m, head.decode("latin-1"), first, end)
         try:
             if not self._feed(head):
                 return False
@@ -265,26 +265,22 @@ class EdgeConnection(asyncio.Protocol):
             self._deadline(self.edge.gateway.config.client_body_timeout, self._body_late)
         return not self.dropping
 
-    def _fields(self, m: _Message, head: str, first: int, end: int) -> None:
-        """Read the header fields of a head, all at once, and hold them to the edge's limits. llhttp
-        then judges the same head (and what is read here counts only if it passes), so the pattern
-        need only split well-formed lines (`name:OWS value OWS`, no folding, no bare LF), and a field's value
-        loses the whitespace around it (RFC 9110 5.5)."""
+    def _read_fields(self, m: _Message, head: str, first: int, end: int) -> None:
+        """Read the header fields of a head, all at once, and hold them to the edge's limits.
+        llhttp then judges the same head, and what is read here counts only if it passes."""
         limit = self.limit
         if len(m.url) > limit:
             m.refusal = BadRequest(f"Bad Request: Got more than {limit} bytes in the request line")
         lines = head[first + 2:end].split("\r\n") if end > first else []
+        if end > limit and m.refusal is None:  # a line may be longer than the limit
+            for line in lines:
+                if len(line) + 2 > limit:
+                    m.refusal = BadRequest(f"Bad Request: Got more than {limit} bytes in the header line "
+                                           f"{line.partition(':')[0]}")
+                    break
         if len(lines) > MAX_HEADERS and m.refusal is None:
             m.refusal = BadRequest(f"Bad Request: Too many headers (more than {MAX_HEADERS})")
-        fields: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            key, value = name.lower(), value.strip(" \t")
-            if len(line) + 2 > limit and m.refusal is None:
-                m.refusal = BadRequest(f"Bad Request: Got more than {limit} bytes in the header line {name}")
-            old = _get(fields, key)
-            fields[key] = value if old is None else f"{old}, {value}"  # a repeated field is one list
-        m.headers = Headers(fields)
+        m.headers = _fields(lines)
 
     def _read_body(self) -> bool:
         """Feed the parser what the buffer holds of the body; True once the request is whole."""
@@ -548,6 +544,18 @@ class Edge:
         await self.tasks.close()
         for conn in list(self.connections):
             conn._close()
+
+
+def _fields(lines: list[str]) -> Headers:
+    """The fields of `name: value` lines llhttp accepts (no folding, no space before the colon). A
+    value loses the whitespace around it (RFC 9110 5.5); a repeated field's values are joined (5.3)."""
+    found = Headers()
+    for line in lines:
+        name, _, value = line.partition(":")
+        key, value = name.lower(), value.strip(" \t")
+        old = _get(found, key)
+        found[key] = value if old is None else f"{old}, {value}"  # Headers keeps dict's own __setitem__
+    return found
 
 
 _STATUS: dict[int, str] = {}
