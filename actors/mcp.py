@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from tether.errors import BadRequest
@@ -34,7 +34,9 @@ Message = dict[str, Any]
 RequestId = str | int
 
 
-class Kind(Enum):
+class Kind(StrEnum):
+    """What a JSON-RPC message is. (A str: its hash is the string's, not a Python call.)"""
+
     REQUEST = "request"
     NOTIFICATION = "notification"
     RESPONSE = "response"
