@@ -1,4 +1,6 @@
-"""A timing wheel: many items, each due at a time, checked from one timer a slot at a time.
+"""Timers for many items from one timer: a timing wheel, and deadlines of one length.
+
+`Wheel`: many items, each due at a time, checked from one timer a slot at a time.
 
 A node held its idle sessions to account by scanning every one of them each
 `scan_interval`: at 10,000 idle sessions that scan was all the CPU an idle node
@@ -8,6 +10,9 @@ serves the earliest slot. When a slot comes, `check` looks at each of its items
 and says when it is due next (it moved on since it was placed), or None (it is
 done: dropped). An item costs one look per time it falls due; with no items, no
 timer runs.
+
+`Deadlines`: items that each run out the same while after they were added (requests waiting for
+their answers), expired oldest first from one timer that an answer never touches.
 """
 
 from __future__ import annotations
@@ -145,12 +150,18 @@ class Deadlines(Generic[T]):
         self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time() if self._clock is None else self._clock()
-        for item, due in list(self._due.items()):
+        due_now = []
+        for item, due in self._due.items():  # earliest first: stop at the first not yet due
             if due > now:
-                self._timer = loop.call_later(due - now, self._fire)
-                return
-            del self._due[item]
+                break
+            due_now.append(item)
+        for item in due_now:
+            if self._due.pop(item, None) is None:
+                continue  # an earlier expiry discarded it
             try:
                 self._expire(item)
             except Exception:  # one failing must not leave the rest waiting for ever
                 log.exception("deadline.expire_failed", extra={"detail": repr(item)})
+        for due in self._due.values():
+            self._timer = loop.call_later(max(0.0, due - now), self._fire)
+            break
