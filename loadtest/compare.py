@@ -17,6 +17,7 @@ import os
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,18 @@ def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) ->
         return statistics.median(present) if present else None
 
     first = {r["repetition"]: r["throughput_rps"] for r in results if r["target"] == recipes[0]}
+    # The reference: the first target whose proxy CPU was measured (nginx, in `direct,nginx,tether`).
+    # Each target is read against it in the same repetition: this machine's speed moves between runs,
+    # a ratio within one repetition does not.
+    reference = next((name for name in recipes if any(
+        r["target"] == name and r["proxy"]["cpu_ms_per_request"] for r in results)), None)
+    ref = {r["repetition"]: r for r in results if r["target"] == reference}
+
+    def against(run: dict[str, Any], value: Callable[[dict[str, Any]], float | None]) -> float | None:
+        other = ref.get(run["repetition"])
+        mine, theirs = value(run), value(other) if other is not None else None
+        return mine / theirs if mine is not None and theirs else None
+
     results = sorted(results, key=lambda r: r["repetition"])
     table = []
     for name in recipes:
@@ -146,5 +159,11 @@ def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) ->
             "ratios": [r["throughput_rps"] / first[r["repetition"]] if first.get(r["repetition"]) else 0.0
                        for r in runs],
             "repetitions": repetitions,
+            "reference": reference,
+            "vs_reference": None if reference is None else {  # medians of each repetition's ratio
+                "throughput": median([against(r, lambda x: x["throughput_rps"]) for r in runs]),
+                "p99": median([against(r, lambda x: x["latency_seconds"]["p99"]) for r in runs]),
+                "cpu": median([against(r, lambda x: x["proxy"]["cpu_ms_per_request"]) for r in runs]),
+            },
         })
     return table

@@ -47,16 +47,27 @@ def _kinds(counts: dict[str, int]) -> str:
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
-    """One line per target: medians over repetitions, and each repetition's ratio to the first target."""
+    """One line per target: medians over repetitions; each repetition's throughput as a ratio to the
+    first target's; and, against the first target whose CPU was measured, in the same repetition, its
+    throughput, p99 and CPU a request (medians of those ratios)."""
+    reference = rows[0].get("reference") if rows else None
     head = ["target", "req/s", "answered/s", "p50", "p99", "CPU ms/req", "MB/session", "errors", "violations",
-            "vs first"]
+            "vs first", f"vs {reference}: req/s p99 CPU" if reference else "vs -"]
     body = [[r["target"], f"{r['throughput_rps']:.0f}", f"{r['answered_rps']:.0f}", fmt_seconds(r["p50"]),
              fmt_seconds(r["p99"]),
              "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.3f}",
              "-" if r["mb_per_session"] is None else f"{r['mb_per_session']:.2f}",
-             str(r["errors"]), str(r["violations"]), " ".join(f"{x:.2f}" for x in r["ratios"])] for r in rows]
+             str(r["errors"]), str(r["violations"]), " ".join(f"{x:.2f}" for x in r["ratios"]),
+             _against(r.get("vs_reference"))] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in [head, *body])
+
+
+def _against(ratios: dict[str, float | None] | None) -> str:
+    if not ratios:
+        return "-"
+    return " ".join("-" if (x := ratios[k]) is None else f"{x:.2f}{'' if k == 'throughput' else 'x'}"
+                    for k in ("throughput", "p99", "cpu"))
 
 
 # --- SVG ----------------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ async def test_compare_interleaves_recipes_and_measures_the_proxy_alone() -> Non
     assert direct["ratios"] == [1.0, 1.0] and len(tether["ratios"]) == 2
     assert direct["cpu_ms_per_request"] is None  # no proxy: nothing to measure
     assert tether["cpu_ms_per_request"] > 0 and tether["throughput_rps"] > 0
+    assert tether["reference"] == "tether" and tether["vs_reference"]["cpu"] == 1.0  # the only one measured
     with pytest.raises(ValueError, match="supergateway cannot front a http upstream"):
         await compare("tools", Options(""), ["supergateway"], "http", 1)
 

@@ -119,3 +119,31 @@ async def test_a_404_means_the_session_is_gone_and_a_new_one_starts() -> None:
 def test_options_refuse_a_value_out_of_range_by_name(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"Cannot use {field} "):
         Options("http://unused", **{field: value})  # type: ignore[arg-type]
+
+
+def _run(target: str, repetition: int, rps: float, p99: float, cpu: float | None) -> dict[str, Any]:
+    return {"target": target, "repetition": repetition, "throughput_rps": rps, "answered_rps": rps,
+            "latency_seconds": {"p50": p99 / 2, "p99": p99}, "errors": 0, "violations": 0,
+            "proxy": {"cpu_ms_per_request": cpu, "mb_per_session": None if cpu is None else 0.01}}
+
+
+def test_compare_reads_each_target_against_the_first_measured_proxy_in_the_same_repetition() -> None:
+    """The machine's speed moves between repetitions; a ratio within one does not. `direct` has no
+    proxy CPU, so nginx is the reference; each ratio is taken within a repetition, then the median."""
+    from loadtest.compare import rows
+    from loadtest.report import compare_table
+
+    results = [
+        _run("direct", 0, 1000, 0.010, None), _run("nginx", 0, 800, 0.020, 0.040), _run("tether", 0, 600, 0.030, 0.200),
+        _run("direct", 1, 500, 0.020, None), _run("nginx", 1, 400, 0.040, 0.080), _run("tether", 1, 320, 0.050, 0.480),
+        _run("direct", 2, 900, 0.012, None), _run("nginx", 2, 700, 0.025, 0.050), _run("tether", 2, 490, 0.040, 0.300),
+    ]
+    direct, nginx, tether = rows(results, ["direct", "nginx", "tether"], 3)
+    assert {r["reference"] for r in (direct, nginx, tether)} == {"nginx"}
+    assert nginx["vs_reference"] == {"throughput": 1.0, "p99": 1.0, "cpu": 1.0}
+    # Per repetition: throughput 0.75, 0.8, 0.7; p99 1.5, 1.25, 1.6; CPU 5, 6, 6. Medians:
+    assert tether["vs_reference"] == pytest.approx({"throughput": 0.75, "p99": 1.5, "cpu": 6.0})
+    assert direct["vs_reference"]["cpu"] is None  # no proxy of its own
+    table = compare_table([direct, nginx, tether])
+    assert "vs nginx: req/s p99 CPU" in table.splitlines()[0]
+    assert table.splitlines()[3].rstrip().endswith("0.75 1.50x 6.00x")
