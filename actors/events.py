@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from tether.errors import BadRequest, CursorExpired
@@ -60,7 +61,7 @@ class StreamLog:
     """One stream's events that are still in the log, and how far it has got."""
 
     __slots__ = ("stream", "logged", "undecided", "events", "last_seq", "evicted_through", "delivered", "finished",
-                 "reader")
+                 "reader", "listener")
 
     def __init__(self, stream: int, *, logged: bool, undecided: bool = False) -> None:
         self.stream = stream
@@ -74,6 +75,7 @@ class StreamLog:
         self.delivered = 0  # the newest seq handed to a reader (what a plain GET resumes after)
         self.finished = False  # no more events will come: its requests are all answered
         self.reader: object | None = None  # whoever reads it live now (a token the reader owns)
+        self.listener: Callable[[], None] | None = None  # told when the actor delivers to it, in place of a reader
 
     def __repr__(self) -> str:
         return (f"StreamLog({self.stream}, last={self.last_seq}, kept={len(self.events)}, "

@@ -52,6 +52,7 @@ from actors.session import AUTO, CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
 from actors.store.base import Store
+from actors.wheel import Deadlines
 from actors.wire import Upgrades, Wire
 from tether.config import Config
 from tether.errors import (
@@ -133,6 +134,16 @@ class Reply:
     async def cancel(self) -> None:
         self.ended = True
         self._wire.post(mux.encode(mux.CANCEL, self.xid))
+
+    def answer_now(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        """A whole answer from a callback: queued for this loop turn's write, not waiting for the socket
+        to drain (an answer is bounded by `max_message_bytes`)."""
+        self.started = self.ended = True
+        self._wire.post(mux.encode(mux.RESPONSE, self.xid, [status, dict(headers)], body, True))
+
+
+_INTERNAL = (500, {"Content-Type": "application/json"},
+             orjson.dumps(error_response(None, INTERNAL_ERROR, "Internal error in the actor node")))
 
 
 def _json(answer: object, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -218,7 +229,7 @@ async def _collect(node: Node, actor: SessionActor, stream: StreamLog) -> list[M
 
 
 async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog, after: int,
-                  reply: Reply, whole: bool = False) -> None:
+                  reply: Reply, whole: bool = False, ping_first: bool = False) -> None:
     """Serve `stream` as SSE from seq `after`: replay, then live, with event ids. With `whole`, an answer
     that comes first and ends the stream is sent as a JSON body instead: there is nothing to resume.
 
@@ -240,7 +251,7 @@ async def _stream(node: Node, call: Call, actor: SessionActor, stream: StreamLog
             await reply.write(_priming(node, stream, after) if primed else b"")
             primed = False
         keepalive = None if call.method == "GET" else node.config.keepalive_interval
-        items = actor.read(stream, after, keepalive)
+        items = actor.read(stream, after, keepalive, ping_first=ping_first)
         try:  # what contextlib.aclosing does, without its two coroutines a request
             async for item in items:
                 last = item is not None and stream.finished and item[0].seq >= stream.last_seq
@@ -302,16 +313,120 @@ async def delete_session(node: Node, call: Call, reply: Reply) -> None:
 _HANDLERS = {"POST": post_message, "GET": open_stream, "DELETE": delete_session}
 
 
+def _post_now(node: Node, call: Call, reply: Reply, wire: NodeWire) -> _Pending | bool:
+    """The usual POST, one request to answer as JSON (`json`, or `auto` while the answer comes
+    first), served with no task: its answer goes out from the actor's delivery (`_Pending`). True
+    when it was answered at once (an error); False for anything else, which the exchange's task serves."""
+    headers = call.headers
+    mode = headers.get(RESPONSE_HEADER, JSON)
+    if (mode != AUTO and mode != JSON) or CREATE_HEADER in headers or BATCH_HEADER in headers:
+        return False
+    try:
+        actor = node.live(call.sid, headers.get(PRINCIPAL_HEADER, ""))
+        messages = _parse(call.body)
+        if len(messages) != 1 or "method" not in messages[0] or "id" not in messages[0]:
+            return False  # a notification or a response (202), served by the task as before
+        actor.lease.touch(node.clock())
+        stream = actor.submit(messages, mode)
+    except TetherError as exc:
+        reply.answer_now(*error_parts(exc))
+        return True
+    node.metrics.messages[Kind.REQUEST].inc()
+    assert stream is not None  # a request is owed an answer
+    pending = _Pending(node, call, actor, stream, reply, wire, mode == AUTO)
+    stream.listener = pending.arrived
+    if mode == AUTO:
+        wire.keepalives.add(pending)  # still unanswered at the keep-alive: it becomes a stream
+    if stream.last_seq:
+        pending.arrived()  # already delivered (an error the actor gave at once)
+    return pending
+
+
+class _Pending:
+    """A POST waiting for its answer with no task: the actor calls `arrived` when it delivers to the
+    request's stream. The answer, if it comes first and alone, leaves as JSON from there. Anything
+    else (progress first, or the keep-alive passing in `auto` mode) hands the stream to a task,
+    as `_stream` would have served it. `cancel` is the gateway's client leaving."""
+
+    __slots__ = ("node", "call", "actor", "stream", "reply", "wire", "auto", "started")
+
+    def __init__(self, node: Node, call: Call, actor: SessionActor, stream: StreamLog, reply: Reply,
+                 wire: NodeWire, auto: bool) -> None:
+        self.node, self.call, self.actor, self.stream, self.reply, self.wire = node, call, actor, stream, reply, wire
+        self.auto = auto
+        self.started = node.clock()
+
+    def arrived(self) -> None:
+        stream = self.stream
+        try:
+            if stream.finished and stream.last_seq == 1:  # the answer, first and alone
+                message = stream.events[0][1]
+                self._done()
+                self.actor.forget(stream)
+                self.reply.answer_now(*_json(message))
+            elif self.auto:  # something came before the answer: it is a stream now
+                self._to_task(ping_first=False)
+        except ConnectionError:
+            pass  # the link went: its end cancels what is left
+        except Exception:  # called from the actor's delivery, which must go on for every other stream
+            log.exception("link.exchange_failed", extra={"sid": self.actor.tag})
+            self.cancel()
+            with contextlib.suppress(ConnectionError):
+                self.reply.answer_now(*_INTERNAL)
+
+    def due(self) -> None:
+        """`keepalive_interval` passed with no answer: a stream, pinged at once, as `_stream` does."""
+        if self.stream.listener is not None:
+            self._to_task(ping_first=True)
+
+    def cancel(self) -> None:
+        """The gateway's client left, or the link went: nothing will read the answer."""
+        if self.stream.listener is not None:
+            self._done()
+            self.actor.forget(self.stream)
+
+    def _done(self) -> None:
+        self.stream.listener = None
+        self.wire.keepalives.discard(self)
+        self.wire.running.pop(self.reply.xid, None)
+        node = self.node
+        node.metrics.request_seconds.observe(node.clock() - self.started)
+        self.actor.lease.touch(node.clock())
+
+    def _to_task(self, *, ping_first: bool) -> None:
+        self.stream.listener = None
+        self.wire.keepalives.discard(self)
+        self.wire.running[self.reply.xid] = self.wire.exchanges.spawn(self._stream(ping_first), self.actor.tag)
+
+    async def _stream(self, ping_first: bool) -> None:
+        node, actor, reply = self.node, self.actor, self.reply
+        try:
+            await _stream(node, self.call, actor, self.stream, 0, reply, whole=True, ping_first=ping_first)
+            if not reply.ended:
+                await reply.end()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("link.exchange_failed", extra={"sid": actor.tag})
+            await _refuse(reply, *_INTERNAL)
+        finally:
+            self.wire.running.pop(reply.xid, None)
+            node.metrics.request_seconds.observe(node.clock() - self.started)
+            actor.lease.touch(node.clock())
+
+
 class NodeWire(Wire):
-    """One gateway's link connection: each REQUEST runs as its own task until it is answered; a CANCEL
-    from the gateway (its client left) cancels that task, as does the connection's end."""
+    """One gateway's link connection. The usual POST (one request, a JSON answer) waits with no task
+    (`_Pending`); every other REQUEST runs as its own task until it is answered. A CANCEL from the
+    gateway (its client left) cancels either, as does the connection's end."""
 
     def __init__(self, node: Node, links: set[NodeWire]) -> None:
         super().__init__()
         self.node = node
-        self.running: dict[int, asyncio.Task[None]] = {}
+        self.running: dict[int, asyncio.Task[None] | _Pending] = {}
         self._links = links
-        self._exchanges = TaskSet("link")
+        self.exchanges = TaskSet("link")
+        self.keepalives: Deadlines[_Pending] = Deadlines(node.config.keepalive_interval, _Pending.due)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -320,22 +435,27 @@ class NodeWire(Wire):
     def frame_received(self, frame: mux.Frame) -> None:
         if frame.kind == mux.REQUEST:
             method, sid, headers = frame.head
+            call, reply = Call(method, sid, headers, frame.body), Reply(self, frame.xid)
+            if method == "POST" and (pending := _post_now(self.node, call, reply, self)) is not False:
+                if pending is not True:
+                    self.running[frame.xid] = pending
+                return
             actor = self.node.actors.get(sid)  # its tag names the task; hashing the id costs more than a lookup
-            self.running[frame.xid] = self._exchanges.spawn(
-                _exchange(self.node, Call(method, sid, headers, frame.body), Reply(self, frame.xid), self.running),
-                actor.tag if actor is not None else sid_tag(sid))
+            self.running[frame.xid] = self.exchanges.spawn(_exchange(self.node, call, reply, self.running),
+                                                           actor.tag if actor is not None else sid_tag(sid))
         elif frame.kind == mux.CANCEL and frame.xid in self.running:
             self.running.pop(frame.xid).cancel()
 
     def link_lost(self, why: str) -> None:
         log.info("link.closed", extra={"detail": why})
         self._links.discard(self)
-        for task in self.running.values():
-            task.cancel()
+        for exchange in list(self.running.values()):
+            exchange.cancel()
         self.running.clear()
+        self.keepalives.close()
 
 
-async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None]]) -> None:
+async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None] | _Pending]) -> None:
     """Run one exchange to its end; whatever goes wrong is answered, or, midway, cancelled."""
     try:
         handler = _HANDLERS.get(call.method)
@@ -350,8 +470,7 @@ async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asy
         pass  # the link went, or the gateway's client left
     except Exception:
         log.exception("link.exchange_failed", extra={"sid": sid_tag(call.sid)})
-        await _refuse(reply, 500, {"Content-Type": "application/json"},
-                      orjson.dumps(error_response(None, INTERNAL_ERROR, "Internal error in the actor node")))
+        await _refuse(reply, *_INTERNAL)
     finally:
         running.pop(reply.xid, None)
 

@@ -198,11 +198,12 @@ class SessionActor:
             raise Conflict("Conflict: this session already has an open GET stream")
         return stream, stream.delivered
 
-    async def read(self, stream: StreamLog, after: int, keepalive: float | None = None,
-                   ) -> AsyncGenerator[tuple[EventId, Message] | None, None]:
+    async def read(self, stream: StreamLog, after: int, keepalive: float | None = None, *,
+                   ping_first: bool = False) -> AsyncGenerator[tuple[EventId, Message] | None, None]:
         """`stream`'s events after seq `after`, live until the stream finishes, the session ends, or
         another reader takes the stream over; with `keepalive`, None after each `keepalive` of silence
-        (a ping is due). Without, an idle reader costs no timer and no wake-up.
+        (a ping is due; with `ping_first`, also at once if nothing has come). Without, an idle reader
+        costs no timer and no wake-up.
         Raises `CursorExpired` if this reader falls so far behind that the log drops what it has not read."""
         me = object()
         if stream.reader is not None:
@@ -217,7 +218,10 @@ class SessionActor:
                     stream.delivered = max(stream.delivered, seq)  # the reader came back: it was written
                 if (stream.finished or self._closing) and seq >= stream.last_seq:
                     return
-                if not await self._changed.wait(keepalive):
+                if ping_first:
+                    ping_first = False
+                    yield None
+                elif not await self._changed.wait(keepalive):
                     yield None
         finally:
             if stream.reader is me:
@@ -276,6 +280,8 @@ class SessionActor:
         self._append(stream, message)
         if destination.final:
             self._settle(destination.request_id, stream)  # type: ignore[arg-type]
+        if stream.listener is not None:
+            stream.listener()
 
     def _sole(self) -> RequestId | None:
         """The one request running with an SSE stream of its own, if exactly one is."""

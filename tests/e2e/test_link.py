@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 
@@ -13,11 +14,13 @@ from actors.internal import CREATE_HEADER, RESPONSE_HEADER
 from actors.mcp import VERSION_HEADER
 from actors.node import Node
 from actors.node_api import serve_node
+from actors.session import SessionActor
 from actors.store.base import NodeRecord
 from actors.store.memory import MemoryStore
-from gateway.link import LinkLost, NodeLink
+from gateway.link import LinkLost, LinkResponse, NodeLink
 from tests.support import call_tool, initialize_message, wait_until
 from tether.config import Config
+from tether.errors import CONNECTION_CLOSED
 from tether.tasks import TaskSet
 
 SECRET = "link-test-secret"
@@ -109,9 +112,11 @@ async def _ended(node: Node) -> bool:
     return SID not in node.actors
 
 
-async def test_an_auto_answer_whose_client_leaves_before_it_begins_is_abandoned(node: Node) -> None:
-    # Nothing of it reached the client (no head, no event id): like a JSON answer, nothing can resume
-    # it, so the node stops waiting for it and tells the upstream, rather than log it for no one.
+@contextlib.asynccontextmanager
+async def slow_request(node: Node, mode: str, seconds: float) -> AsyncIterator[tuple[NodeLink, SessionActor,
+                                                                                  asyncio.Task[LinkResponse]]]:
+    """A session over the link, and a request of it (`mode`) that its server works on for `seconds`,
+    once the actor has it; with no task of the node's own waiting for its answer."""
     link = NodeLink(SECRET)
     record = NodeRecord(node.node_id, node.url)
     tasks = TaskSet("test")
@@ -120,13 +125,12 @@ async def test_an_auto_answer_whose_client_leaves_before_it_begins_is_abandoned(
                                    headers={CREATE_HEADER: "1", RESPONSE_HEADER: "json"}):
             pass
         actor = node.actors[SID]
-        streams = len(actor.log.streams)
-        slow = tasks.spawn(link.call(record, "POST", SID, read_timeout=30, headers={RESPONSE_HEADER: "auto"},
-                                     body=orjson.dumps(call_tool(2, "burn_cpu", {"seconds": 2}))), "slow")
+        slow = tasks.spawn(link.call(record, "POST", SID, read_timeout=30, headers={RESPONSE_HEADER: mode},
+                                     body=orjson.dumps(call_tool(2, "burn_cpu", {"seconds": seconds}))), "slow")
         await wait_until(lambda: _pending(node, 1), timeout=10, what="the request to reach the actor")
-        slow.cancel()  # the gateway's client left
-        await wait_until(lambda: _pending(node, 0), timeout=10, what="the node to abandon the request")
-        assert len(actor.log.streams) == streams  # its stream is not kept for a reader that cannot come
+        # It waits with no task: its answer goes out from the actor's delivery.
+        assert not [task for task in asyncio.all_tasks() if task.get_name() == f"link:{actor.tag}"]
+        yield link, actor, slow
     finally:
         await tasks.close()
         await link.close()
@@ -134,6 +138,27 @@ async def test_an_auto_answer_whose_client_leaves_before_it_begins_is_abandoned(
 
 async def _pending(node: Node, count: int) -> bool:
     return len(node.actors[SID].pending) == count
+
+
+async def test_an_auto_answer_whose_client_leaves_before_it_begins_is_abandoned(node: Node) -> None:
+    # Nothing of it reached the client (no head, no event id): like a JSON answer, nothing can resume
+    # it, so the node stops waiting for it and tells the upstream, rather than log it for no one.
+    async with slow_request(node, "auto", 2) as (_, actor, slow):
+        streams = len(actor.log.streams) - 1  # less the request's own, still undecided
+        slow.cancel()  # the gateway's client left
+        await wait_until(lambda: _pending(node, 0), timeout=10, what="the node to abandon the request")
+        assert len(actor.log.streams) == streams  # its stream is not kept for a reader that cannot come
+
+
+async def test_a_json_answer_whose_session_ends_first_is_the_session_s_end(node: Node) -> None:
+    async with slow_request(node, "json", 10) as (link, _, slow):
+        async with await link.call(NodeRecord(node.node_id, node.url), "DELETE", SID, read_timeout=30) as ended:
+            assert ended.status == 200
+        async with await asyncio.wait_for(slow, 30) as resp:
+            assert (resp.status, resp.content_type) == (200, "application/json")
+            answer = orjson.loads(await resp.read())
+        assert answer["id"] == 2 and answer["error"]["code"] == CONNECTION_CLOSED, answer
+        assert "Session ended" in answer["error"]["message"]
 
 
 async def test_an_auto_answer_that_takes_past_the_keepalive_becomes_a_pinged_stream(node: Node) -> None:
