@@ -316,7 +316,8 @@ _HANDLERS = {"POST": post_message, "GET": open_stream, "DELETE": delete_session}
 def _post_now(node: Node, call: Call, reply: Reply, wire: NodeWire) -> _Pending | bool:
     """The usual POST, one request to answer as JSON (`json`, or `auto` while the answer comes
     first), served with no task: its answer goes out from the actor's delivery (`_Pending`). True
-    when it was answered at once (an error); False for anything else, which the exchange's task serves."""
+    when nothing is left for the caller to hold (answered at once, or already handed to a task);
+    False for anything else, which the exchange's task serves."""
     headers = call.headers
     mode = headers.get(RESPONSE_HEADER, JSON)
     if (mode != AUTO and mode != JSON) or CREATE_HEADER in headers or BATCH_HEADER in headers:
@@ -337,8 +338,9 @@ def _post_now(node: Node, call: Call, reply: Reply, wire: NodeWire) -> _Pending 
     stream.listener = pending.arrived
     if mode == AUTO:
         wire.keepalives.add(pending)  # still unanswered at the keep-alive: it becomes a stream
-    if stream.last_seq:
-        pending.arrived()  # already delivered (an error the actor gave at once)
+    if stream.last_seq:  # delivered already (an error the actor gave at once)
+        pending.arrived()
+        return True  # answered, or handed to a task that `running` now holds
     return pending
 
 
