@@ -131,8 +131,8 @@ def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) ->
 
     first = {r["repetition"]: r["throughput_rps"] for r in results if r["target"] == recipes[0]}
     # The reference: the first target whose proxy CPU was measured (nginx, in `direct,nginx,tether`).
-    # Each target is read against it in the same repetition: this machine's speed moves between runs,
-    # a ratio within one repetition does not.
+    # Each target is read against it in the same repetition: a machine's speed moves between runs, and
+    # a ratio within one repetition moves less (the reference's own cost still varies).
     reference = next((name for name in recipes if any(
         r["target"] == name and r["proxy"]["cpu_ms_per_request"] for r in results)), None)
     ref = {r["repetition"]: r for r in results if r["target"] == reference}
