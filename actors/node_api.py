@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,7 +310,8 @@ async def delete_session(node: Node, call: Call, reply: Reply) -> None:
     await reply.answer(200)
 
 
-_HANDLERS = {"POST": post_message, "GET": open_stream, "DELETE": delete_session}
+Handler = Callable[[Node, Call, Reply], Awaitable[None]]
+_HANDLERS: dict[str, Handler] = {"POST": post_message, "GET": open_stream, "DELETE": delete_session}
 
 
 def _post_now(node: Node, call: Call, reply: Reply, wire: NodeWire) -> _Pending | bool:
@@ -391,6 +392,9 @@ class _Pending:
         self.stream.listener = None
         self.wire.keepalives.discard(self)
         self.wire.running.pop(self.reply.xid, None)
+        self._ended()
+
+    def _ended(self) -> None:
         node = self.node
         node.metrics.request_seconds.observe(node.clock() - self.started)
         self.actor.lease.touch(node.clock())
@@ -398,23 +402,15 @@ class _Pending:
     def _to_task(self, *, ping_first: bool) -> None:
         self.stream.listener = None
         self.wire.keepalives.discard(self)
-        self.wire.running[self.reply.xid] = self.wire.exchanges.spawn(self._stream(ping_first), self.actor.tag)
 
-    async def _stream(self, ping_first: bool) -> None:
-        node, actor, reply = self.node, self.actor, self.reply
-        try:
-            await _stream(node, self.call, actor, self.stream, 0, reply, whole=True, ping_first=ping_first)
-            if not reply.ended:
-                await reply.end()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        except Exception:
-            log.exception("link.exchange_failed", extra={"sid": actor.tag})
-            await _refuse(reply, *_INTERNAL)
-        finally:
-            self.wire.running.pop(reply.xid, None)
-            node.metrics.request_seconds.observe(node.clock() - self.started)
-            actor.lease.touch(node.clock())
+        async def serve(node: Node, call: Call, reply: Reply) -> None:
+            try:
+                await _stream(node, call, self.actor, self.stream, 0, reply, whole=True, ping_first=ping_first)
+            finally:
+                self._ended()
+
+        self.wire.running[self.reply.xid] = self.wire.exchanges.spawn(
+            _exchange(self.node, self.call, self.reply, self.wire.running, serve), self.actor.tag)
 
 
 class NodeWire(Wire):
@@ -457,10 +453,12 @@ class NodeWire(Wire):
         self.keepalives.close()
 
 
-async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None] | _Pending]) -> None:
-    """Run one exchange to its end; whatever goes wrong is answered, or, midway, cancelled."""
+async def _exchange(node: Node, call: Call, reply: Reply, running: dict[int, asyncio.Task[None] | _Pending],
+                    handler: Handler | None = None) -> None:
+    """Run one exchange to its end (by `handler`, or the one for its method); whatever goes wrong is
+    answered, or, midway, cancelled."""
     try:
-        handler = _HANDLERS.get(call.method)
+        handler = handler or _HANDLERS.get(call.method)
         if handler is None:
             raise BadRequest(f"Bad Request: the link carries POST, GET and DELETE, not {call.method}")
         await handler(node, call, reply)

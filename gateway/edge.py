@@ -450,7 +450,7 @@ class EdgeConnection(asyncio.Protocol):
         A request moves the deadline twice; that moves a number, not a timer: the connection's one
         timer, when it fires for a deadline that has since moved later, sleeps again until the new one."""
         if seconds is None or then is None:
-            self.due = None
+            self.due = self.then = None  # the timer, if it fires, finds nothing due
             return
         loop = self.loop
         assert loop is not None
@@ -471,8 +471,8 @@ class EdgeConnection(asyncio.Protocol):
             then()
 
     def _disarm(self) -> None:
-        """No deadline, and no timer left holding the connection."""
-        self.due = None
+        """No deadline, and no timer or callback left holding the connection."""
+        self.due = self.then = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
