@@ -115,6 +115,7 @@ class Deadlines(Generic[T]):
         self.timeout = timeout
         self._expire = expire  # called with an item once it is due (it is off the list by then)
         self._clock = clock  # None: the running loop's
+        self._loop: asyncio.AbstractEventLoop | None = None  # kept: asking asyncio costs a getpid() call
         self._due: dict[T, float] = {}  # insertion order is due order
         self._timer: asyncio.TimerHandle | None = None
 
@@ -130,7 +131,9 @@ class Deadlines(Generic[T]):
 
     def add(self, item: T) -> None:
         """Expire `item` once `timeout` has passed from now (from now again, if it is here already)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time() if self._clock is None else self._clock()
         self._due.pop(item, None)
         self._due[item] = due = now + self.timeout
@@ -148,7 +151,8 @@ class Deadlines(Generic[T]):
 
     def _fire(self) -> None:
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by the `add` that armed the timer
         now = loop.time() if self._clock is None else self._clock()
         due_now = []
         for item, due in self._due.items():  # earliest first: stop at the first not yet due

@@ -47,6 +47,7 @@ class Wire(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # kept: asking asyncio costs a getpid() call
         self.reads = 0  # reads so far: the frames of one read arrived together
         self._buffer = bytearray()  # the start of a frame still coming
         self._frames: list[bytes] = []  # to leave at the end of this turn
@@ -77,7 +78,7 @@ class Wire(asyncio.Protocol):
         self._size += len(frame)
         if not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self.loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     async def put(self, frame: bytes) -> None:
         """`post`, then wait while the socket's buffer is full: a peer that reads slowly slows the
@@ -104,6 +105,7 @@ class Wire(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        self.loop = asyncio.get_running_loop()
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
