@@ -203,9 +203,9 @@ async def test_a_client_that_leaves_a_stream_frees_it(tether: TetherUp, sid: str
         async with wire(tether) as w:
             w.send(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             text = (await w.answer())[2].decode()
-        line = next(line for line in text.splitlines()
-                    if line.startswith('tether_gateway_streams_open{transport="streamable_http"}'))
-        return float(line.split()[-1])
+        lines = [line for line in text.splitlines()
+                 if line.startswith('tether_gateway_streams_open{transport="streamable_http"}')]
+        return float(lines[0].split()[-1]) if lines else 0.0  # no line until a stream first opens
 
     before = await streams_open()
     async with wire(tether) as w:
