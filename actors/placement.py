@@ -101,6 +101,18 @@ class Placement:
     def forget(self, key: str) -> None:
         self.cache.drop(key)
 
+    def known(self, key: str) -> NodeRecord | None:
+        """The owner of a live session when the route cache holds it and fresh membership confirms it:
+        no store call, no wait. None otherwise; `locate` then finds out."""
+        record = self.cache.get(key)
+        if record is None or not self.fresh:
+            return None
+        node = self.members.get(record.node_id)
+        if node is None or (record.incarnation and node.incarnation != record.incarnation):
+            return None
+        self.cache_hits += 1
+        return node
+
     async def locate(self, key: str) -> tuple[OwnershipRecord, NodeRecord]:
         """The owner of a live session. Raises `SessionNotFound` if it has none that lives,
         `Overloaded` if the store cannot confirm it."""

@@ -136,6 +136,11 @@ class Arrivals:
         self._error: Exception | None = None
         self._waiter: asyncio.Future[bool] | None = None  # True: something came; False: the timer ran out
 
+    @property
+    def error(self) -> Exception | None:
+        """What broke the answer before its end came, if anything did."""
+        return self._error
+
     def take(self) -> bytes:
         """Everything that has arrived and not been taken, joined (b"" if nothing has)."""
         chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)

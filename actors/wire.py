@@ -70,22 +70,32 @@ class Wire(asyncio.Protocol):
     # -- sending ------------------------------------------------------------------------
 
     def post(self, frame: bytes) -> None:
-        """Queue `frame` to leave with the others of this turn. Raises ConnectionError once the link
-        has failed."""
+        """Queue `frame` to leave with the others of this turn (at once, past `HIGH_WATER` bytes: a writer
+        that never yields still leaves its frames to the socket's buffer). Raises ConnectionError once
+        the link has failed."""
         if self._broken is not None:
             raise self._broken
         self._frames.append(frame)
         self._size += len(frame)
-        if not self._flushing:
+        if self._size > HIGH_WATER:
+            self._flush()
+        elif not self._flushing:
             self._flushing = True
             (self.loop or asyncio.get_running_loop()).call_soon(self._flush)
+
+    @property
+    def congested(self) -> bool:
+        """The socket's buffer is full: a writer should wait (`put`) before it adds more."""
+        return self._drained is not None
 
     async def put(self, frame: bytes) -> None:
         """`post`, then wait while the socket's buffer is full: a peer that reads slowly slows the
         writers down rather than growing the buffer. Raises ConnectionError once the link has failed."""
         self.post(frame)
-        if self._size > HIGH_WATER:
-            self._flush()  # a writer that never yields still leaves its frames to the socket's buffer
+        await self.writable()
+
+    async def writable(self) -> None:
+        """Wait while the socket's buffer is full. Raises ConnectionError once the link has failed."""
         if self._drained is not None:
             await asyncio.shield(self._drained)  # shared by every waiting writer
             if self._broken is not None:

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 from aiohttp import web
@@ -40,7 +40,7 @@ from actors.store.link import store_routes
 from gateway import rules
 from gateway.auth import WELL_KNOWN, Authenticator, Principal
 from gateway.limits import RateLimiter
-from gateway.link import LinkLost, LinkResponse, NodeLink
+from gateway.link import LinkLost, LinkResponse, NodeLink, no_head
 from gateway.metrics import GatewayMetrics
 from tether.config import Config
 from tether.errors import (
@@ -113,6 +113,17 @@ class Answer:
         return cls(*error_parts(exc, request_id))
 
 
+class Sent(NamedTuple):
+    """A request on its way to the node that owns its session, sent with no wait (`Gateway.send_now`):
+    its answer comes to `resp`, whose head is due within `read_timeout`."""
+
+    resp: LinkResponse
+    sid: str
+    node: NodeRecord
+    read_timeout: float | None
+    request_id: object  # the JSON-RPC id an error answer carries
+
+
 class Gateway:
     """Routes client requests to the node that owns their session."""
 
@@ -136,19 +147,38 @@ class Gateway:
         name = self.affinity.value(request.headers, request.cookies, request.query, post)
         return self.ids.for_name(name, principal.name) if name else None
 
-    async def admit(self, request: ClientRequest) -> Principal:
-        """Who the client is, if it may call at all: Origin, credentials, then its request rate.
+    def admit_now(self, request: ClientRequest) -> Principal | None:
+        """Who the client is, if it may call at all: Origin, credentials, then its request rate. None
+        when its JWT must be verified first (`admit` waits for that; nothing has been counted yet).
         Raises `Forbidden` (403), `Unauthorized` (401) or `QuotaExceeded` (429)."""
         rules.check_origin(request.headers.get("Origin"), self.config.allowed_origins)
-        base = f"{request.scheme}://{request.host}" if self.auth.enabled else ""  # only a challenge needs it
         try:
-            principal = await self.auth.identify(request.headers, request.remote, base)
+            principal = self.auth.identify_now(request.headers, request.remote, self._base(request))
         except TetherError:
-            self.metrics.refused["unauthorized"].inc()
-            self._limit(f"addr:{request.remote}")  # guessing tokens is rate-limited too
+            self._unidentified(request)
             raise
-        self._limit(principal.quota_key)
+        if principal is not None:
+            self._limit(principal.quota_key)
         return principal
+
+    async def admit(self, request: ClientRequest) -> Principal:
+        """`admit_now`, waiting for a JWT's verification when it needs one."""
+        principal = self.admit_now(request)
+        if principal is None:
+            try:
+                principal = await self.auth.identify(request.headers, request.remote, self._base(request))
+            except TetherError:
+                self._unidentified(request)
+                raise
+            self._limit(principal.quota_key)
+        return principal
+
+    def _base(self, request: ClientRequest) -> str:
+        return f"{request.scheme}://{request.host}" if self.auth.enabled else ""  # only a challenge needs it
+
+    def _unidentified(self, request: ClientRequest) -> None:
+        self.metrics.refused["unauthorized"].inc()
+        self._limit(f"addr:{request.remote}")  # guessing tokens is rate-limited too
 
     def _limit(self, key: str) -> None:
         if (wait := self.rate.take(key)) > 0:
@@ -261,20 +291,40 @@ class Gateway:
         """Send a request to the owner of `sid` on behalf of `principal`; the caller reads and releases
         the answer. Raises `SessionNotFound` (also for another principal's session: no oracle), or
         `Overloaded` when the owner cannot be reached."""
+        self._check_genuine(sid)
+        _, node = await self.placement.locate(sid)
+        resp = await self.link.call(node, method, sid, body=body, headers=_on_behalf(principal, headers),
+                                    read_timeout=self.read_timeout(method, headers))
+        self.check_answer(method, sid, resp)
+        return resp
+
+    def send_now(self, method: str, sid: str, principal: Principal, *, body: bytes, headers: Mapping[str, str],
+                 request_id: object = None) -> Sent | None:
+        """`call`'s sending, when it needs no wait: the owner is in the route cache and its link is open
+        and not full. None otherwise (`call` waits). The caller times the head of the answer and hands
+        it to `check_answer`. Raises `SessionNotFound` or `Overloaded`."""
+        self._check_genuine(sid)
+        node = self.placement.known(sid)
+        if node is None:
+            return None
+        read_timeout = self.read_timeout(method, headers)
+        resp = self.link.send_now(node, method, sid, body=body, headers=_on_behalf(principal, headers),
+                                  read_timeout=read_timeout)
+        return None if resp is None else Sent(resp, sid, node, read_timeout, request_id)
+
+    def _check_genuine(self, sid: str) -> None:
         if not self.ids.genuine(sid):  # forged, altered or malformed: refused without a lookup
             self.metrics.refused["forged_session_id"].inc()
             raise SessionNotFound("Session not found")
-        _, node = await self.placement.locate(sid)
-        resp = await self.link.call(node, method, sid, body=body,
-                                    headers={**headers, PRINCIPAL_HEADER: principal.binding} if headers else
-                                    {PRINCIPAL_HEADER: principal.binding},
-                                    read_timeout=self.read_timeout(method, headers))
+
+    def check_answer(self, method: str, sid: str, resp: LinkResponse) -> None:
+        """Forget the owner of a session its node no longer has, or has just ended. Raises
+        `SessionNotFound` for the first, answered here so that every unknown id gets the same bytes."""
         if resp.status == 404 or (method == "DELETE" and resp.status == 200):
             self.placement.forget(sid)
-        if resp.status == 404:  # answered here, so that every unknown id gets the same bytes: no oracle
+        if resp.status == 404:
             resp.close()
             raise SessionNotFound("Session not found")
-        return resp
 
     def read_timeout(self, method: str, headers: Mapping[str, str] | None) -> float | None:
         """How long the gateway waits for bytes from a node before it gives up on it. A GET stream may
@@ -292,15 +342,26 @@ class Gateway:
         """A node's answer for the client. A whole answer is read here (a POST's SSE answer usually comes
         whole: one frame) and leaves in one write; a live SSE stream is handed on, to be piped as it
         comes and closed by whoever sends it."""
+        answer = self.relay_now(resp, extra)
+        if answer is None:  # a whole answer, still arriving
+            try:
+                body = await resp.read()
+            finally:
+                resp.close()
+            answer = Answer(resp.status, _relayed_headers(resp, False, extra), body)
+        return answer
+
+    def relay_now(self, resp: LinkResponse, extra: Mapping[str, str]) -> Answer | None:
+        """`relay` when it needs no wait: a live SSE stream, or a whole answer that has all come. None
+        while a whole answer is still arriving."""
         sse = resp.content_type == "text/event-stream"
         if sse and not resp.complete:
             return Answer(resp.status, {**SSE_HEADERS, **extra}, stream=resp)
-        try:
-            headers: Mapping[str, str] = SSE_HEADERS if sse else {
-                k: v for k in ("Content-Type", "Retry-After") if (v := resp.headers.get(k)) is not None}
-            return Answer(resp.status, {**headers, **extra} if extra else headers, await resp.read())
-        finally:
-            resp.close()
+        if not resp.complete:
+            return None
+        body = resp.take()
+        resp.close()
+        return Answer(resp.status, _relayed_headers(resp, sse, extra), body)
 
     def end_later(self, sid: str, principal: Principal) -> None:
         """End a session whose client has left for good, without holding up the handler that saw it."""
@@ -336,6 +397,17 @@ class Gateway:
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 PRINCIPAL_KEY = "tether.principal"  # set on every client request by `admitted`
+
+
+def _on_behalf(principal: Principal, headers: Mapping[str, str] | None) -> dict[str, str]:
+    return {**headers, PRINCIPAL_HEADER: principal.binding} if headers else {PRINCIPAL_HEADER: principal.binding}
+
+
+def _relayed_headers(resp: LinkResponse, sse: bool, extra: Mapping[str, str]) -> Mapping[str, str]:
+    """The headers a whole answer from a node carries to the client."""
+    headers: Mapping[str, str] = SSE_HEADERS if sse else {
+        k: v for k in ("Content-Type", "Retry-After") if (v := resp.headers.get(k)) is not None}
+    return {**headers, **extra} if extra else headers
 
 
 def _principal_headers(principal: Principal, *, create: bool = False) -> dict[str, str]:
@@ -421,33 +493,88 @@ async def _answer_other(gw: Gateway, request: ClientRequest, principal: Principa
 
 
 async def _answer_post(gw: Gateway, request: ClientRequest, principal: Principal, body: bytes) -> Answer:
-    config = gw.config
-    headers = request.headers
     post: rules.Post | None = None
     try:
-        mode = rules.post_answer_mode(headers.get("Content-Type"), headers.get("Accept"), config.response_mode)
-        version = rules.protocol_version(headers.get(VERSION_HEADER))
-        post = rules.parse_post(body, version, max_depth=config.max_json_depth)
-        sid = rules.session_id(headers.get(SESSION_HEADER))
-        if sid is None and (named := gw.named_session(request, principal, post)) is not None:
-            if post.initialize:
-                return await gw.create_session(body, mode, version, principal, sid=named)
-            sid = named
-        if version in MODERN_VERSIONS:
-            rules.check_modern_headers(headers, post, version)
-        if sid is None:
-            if post.initialize:
-                return await gw.create_session(body, mode, version, principal)
-            if version in MODERN_VERSIONS:
-                raise rules.stateless_fallback(version)
-            raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required (start with initialize)")
-        if post.initialize:
-            raise BadRequest("Invalid Request: this session is already initialized")
-        extra = {RESPONSE_HEADER: mode, **({BATCH_HEADER: "1"} if post.batch else {})}
-        resp = await gw.call("POST", sid, principal, body=body, headers=_forwarded(request, **extra))
+        mode, version, post = _read_post(gw.config, request.headers, body)
+        sid, create = _post_target(gw, request, principal, post, version)
+        if create:
+            return await gw.create_session(body, mode, version, principal, sid=sid)
+        assert sid is not None  # only a new session may have none yet
+        resp = await gw.call("POST", sid, principal, body=body, headers=_post_headers(request, mode, post))
         return await gw.relay(resp, {})  # `forward`, one coroutine fewer deep while the node answers
     except TetherError as exc:
-        return Answer.error(exc, post.first_id if post and not post.batch else None)
+        return Answer.error(exc, _error_id(post))
+
+
+def post_now(gw: Gateway, request: ClientRequest, principal: Principal, body: bytes) -> Answer | Sent | None:
+    """`_answer_post` as far as it goes with no wait: an error answered at once, or the message sent to
+    its session's node (`answered` then makes the answer). None when it must wait (a new session, an
+    owner not in the route cache, a link to open or drain): `answer_mcp` serves it."""
+    post: rules.Post | None = None
+    try:
+        mode, version, post = _read_post(gw.config, request.headers, body)
+        sid, create = _post_target(gw, request, principal, post, version)
+        if create:
+            return None
+        assert sid is not None  # only a new session may have none yet
+        return gw.send_now("POST", sid, principal, body=body, headers=_post_headers(request, mode, post),
+                           request_id=_error_id(post))
+    except TetherError as exc:
+        return Answer.error(exc, _error_id(post))
+
+
+def answered(gw: Gateway, sent: Sent, *, late: bool = False) -> Answer | None:
+    """The answer to a POST sent by `post_now`, once the head of its node's answer has come, or has
+    failed to (`late`: its `read_timeout` passed). None when a whole answer is still arriving: `relay`
+    reads the rest. A stream's answer carries it, to be piped."""
+    resp = sent.resp
+    try:
+        if late or resp.status == 0:
+            resp.close()
+            raise no_head(sent.node, TimeoutError() if late else resp.error or LinkLost("no answer"),
+                          sent.read_timeout)
+        gw.check_answer("POST", sent.sid, resp)
+        return gw.relay_now(resp, {})
+    except TetherError as exc:
+        return Answer.error(exc, sent.request_id)
+
+
+def _read_post(config: Config, headers: Mapping[str, str], body: bytes) -> tuple[str, str, rules.Post]:
+    """A POST's answer mode, protocol version and parsed body. Raises TetherError."""
+    mode = rules.post_answer_mode(headers.get("Content-Type"), headers.get("Accept"), config.response_mode)
+    version = rules.protocol_version(headers.get(VERSION_HEADER))
+    return mode, version, rules.parse_post(body, version, max_depth=config.max_json_depth)
+
+
+def _post_target(gw: Gateway, request: ClientRequest, principal: Principal, post: rules.Post,
+                 version: str) -> tuple[str | None, bool]:
+    """The session a POST is for, and whether it creates it (a None id: a new one, minted). Raises
+    TetherError."""
+    headers = request.headers
+    sid = rules.session_id(headers.get(SESSION_HEADER))
+    if sid is None and (named := gw.named_session(request, principal, post)) is not None:
+        if post.initialize:
+            return named, True
+        sid = named
+    if version in MODERN_VERSIONS:
+        rules.check_modern_headers(headers, post, version)
+    if sid is None:
+        if post.initialize:
+            return None, True
+        if version in MODERN_VERSIONS:
+            raise rules.stateless_fallback(version)
+        raise BadRequest(f"Bad Request: {SESSION_HEADER} header is required (start with initialize)")
+    if post.initialize:
+        raise BadRequest("Invalid Request: this session is already initialized")
+    return sid, False
+
+
+def _post_headers(request: ClientRequest, mode: str, post: rules.Post) -> dict[str, str]:
+    return _forwarded(request, **{RESPONSE_HEADER: mode, **({BATCH_HEADER: "1"} if post.batch else {})})
+
+
+def _error_id(post: rules.Post | None) -> object:
+    return post.first_id if post and not post.batch else None
 
 
 def _session_request(gw: Gateway, request: ClientRequest, principal: Principal, purpose: str) -> str:

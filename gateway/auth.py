@@ -132,11 +132,13 @@ class Authenticator:
             parts.append(f'error_description="{error}"')
         return ", ".join(parts)
 
-    async def identify(self, headers: Mapping[str, str], remote: str | None, base_url: str) -> Principal:
-        """The principal a request speaks for. Raises `Unauthorized` (401 with a challenge)."""
+    def identify_now(self, headers: Mapping[str, str], remote: str | None, base_url: str) -> Principal | None:
+        """The principal a request speaks for, when finding it needs no wait; None for a JWT, which
+        `identify` verifies (its issuer's keys may need fetching). Raises `Unauthorized` (401 with a
+        challenge)."""
         if not self.methods:
             return Principal("", f"addr:{remote or 'unknown'}")
-        token = _bearer(headers.get("Authorization")) or headers.get(API_KEY_HEADER)
+        token = _token(headers)
         if not token:
             raise Unauthorized("Unauthorized: send a bearer token (Authorization: Bearer ...)",
                                challenge=self.challenge(base_url))
@@ -145,9 +147,16 @@ class Authenticator:
             if (name := self._tokens.get(token_hash(token))) is not None:
                 return _named(f"token:{name}")
         if "jwt" in self.methods and token.count(".") == 2:
-            return _named(f"jwt:{await self._verify_jwt(token, base_url)}")
+            return None
         raise Unauthorized("Unauthorized: the token is not valid",
                            challenge=self.challenge(base_url, "the token is not valid"))
+
+    async def identify(self, headers: Mapping[str, str], remote: str | None, base_url: str) -> Principal:
+        """The principal a request speaks for. Raises `Unauthorized` (401 with a challenge)."""
+        principal = self.identify_now(headers, remote, base_url)
+        if principal is None:
+            principal = _named(f"jwt:{await self._verify_jwt(_token(headers) or '', base_url)}")
+        return principal
 
     # -- tokens ------------------------------------------------------------------
 
@@ -244,6 +253,10 @@ class Authenticator:
 def _named(name: str) -> Principal:
     """A principal by name; names carry their method, so a JWT subject never equals a token's name."""
     return Principal(name, name)
+
+
+def _token(headers: Mapping[str, str]) -> str | None:
+    return _bearer(headers.get("Authorization")) or headers.get(API_KEY_HEADER)
 
 
 def _bearer(value: str | None) -> str | None:

@@ -23,15 +23,27 @@ import asyncio
 import email.utils
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httptools
 
 from actors.wire import hand_over
-from gateway.app import MCP_PATH, TRANSPORT, Answer, Gateway, answer_mcp, body_late, too_large
+from gateway.app import (
+    MCP_PATH,
+    TRANSPORT,
+    Answer,
+    Gateway,
+    Sent,
+    answer_mcp,
+    answered,
+    body_late,
+    post_now,
+    too_large,
+)
 from gateway.link import LinkResponse
 from tether.errors import BadRequest, PayloadTooLarge, RequestTimeout, TetherError
 from tether.tasks import TaskSet
@@ -117,7 +129,8 @@ class _Message:
 
 
 class EdgeConnection(asyncio.Protocol):
-    """One client connection: reads requests one at a time, answers each in a task it owns."""
+    """One client connection: reads requests one at a time and answers each: a refusal at once, the
+    usual POST when its node's answer comes (`_Forwarded`), anything else in a task it owns."""
 
     __slots__ = ("edge", "limit", "parser", "buffer", "transport", "remote", "message", "remaining", "task",
                  "loop", "timer", "due", "then", "drained", "keep_alive", "dropping", "reading", "lost")
@@ -131,7 +144,7 @@ class EdgeConnection(asyncio.Protocol):
         self.remote: str | None = None
         self.message: _Message | None = None  # the request being read
         self.remaining = 0  # its Content-Length bytes still to come; -1 for a chunked body
-        self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.task: asyncio.Task[None] | _Forwarded | None = None  # the request being answered
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None  # wakes the connection at or before `due`
         self.due: float | None = None  # when the header or body deadline runs out, by the loop's clock
@@ -315,6 +328,9 @@ class EdgeConnection(asyncio.Protocol):
         return True
 
     def _dispatch(self) -> None:
+        """Answer the request just read. The usual POST is sent to its node here and answered when its
+        node's answer comes (`_Forwarded`), and a refusal at once; anything that must wait on the way
+        (a new session, a route or credential to look up, a stream) is answered by a task."""
         m = self.message
         assert m is not None
         self._deadline(None)
@@ -324,43 +340,61 @@ class EdgeConnection(asyncio.Protocol):
         request = EdgeRequest(m.method, m.url.decode("latin-1"), m.headers, self.remote,
                               _get(m.headers, "host") or self.edge.host)
         body = m.body[0] if len(m.body) == 1 else b"".join(m.body)
-        self.task = self.edge.tasks.spawn(self._answer(request, body, m.legacy), "request")
+        started = time.monotonic()
+        gw = self.edge.gateway
+        now: Answer | Sent | None = None
+        try:
+            principal = gw.admit_now(request)
+            if principal is not None and m.method == "POST":
+                now = post_now(gw, request, principal, body)
+        except TetherError as exc:
+            now = Answer.error(exc)
+        except Exception:
+            log.exception("request.failed")
+            self.keep_alive = False
+            now = _failed()
+        if isinstance(now, Answer):
+            self._respond(now, m.method, started)
+            self._ready_for_next()  # the loop in `_advance` reads on
+        elif now is not None:
+            self.task = _Forwarded(self, now, started, m.legacy)
+        else:
+            answering = (answer_mcp(gw, request, principal, body) if principal is not None
+                         else _admit_and_answer(gw, request, body))
+            self.task = self.edge.tasks.spawn(self._answer(answering, m.method, m.legacy, started), "request")
 
     # -- answering -------------------------------------------------------------------------
 
-    async def _answer(self, request: EdgeRequest, body: bytes, legacy: bool) -> None:
-        gw = self.edge.gateway
-        started = time.monotonic()
-        method = request.method
+    async def _answer(self, answering: Awaitable[Answer] | Answer, method: str, legacy: bool,
+                      started: float) -> None:
         sent = False
         try:
-            try:  # each layer of coroutines here is entered again when the answer wakes the request
-                principal = await gw.admit(request)
-            except TetherError as exc:
-                answer = Answer.error(exc)
-            else:
-                answer = await answer_mcp(gw, request, principal, body)
-            del request, body  # a stream may go on for hours: it keeps only what it needs
+            # each layer of coroutines here is entered again when the answer wakes the request
+            answer = answering if isinstance(answering, Answer) else await answering
+            del answering  # a stream may go on for hours: it keeps only what it needs
             sent = True
-            status = answer.status
             if answer.stream is None:
-                self._write(self._head(answer, len(answer.body)) + (b"" if method == "HEAD" else answer.body))
+                self._respond(answer, method, started)
             else:
                 if legacy:
                     self.keep_alive = False
-                stream, head = answer.stream, self._head(answer, -1 if legacy else None)
+                status, stream, head = answer.status, answer.stream, self._head(answer, -1 if legacy else None)
                 del answer
                 await self._stream(head, stream, legacy)
-            gw.metrics.observe(TRANSPORT, method, status, time.monotonic() - started)
+                self.edge.gateway.metrics.observe(TRANSPORT, method, status, time.monotonic() - started)
         except Exception:
             log.exception("request.failed")
             self.keep_alive = False
             if not sent:
-                failed = Answer.error(TetherError("Internal Server Error: the gateway failed on this request"))
-                self._write(self._head(failed, len(failed.body)) + failed.body)
+                self._respond(_failed(), method, started)
         finally:
             self.task = None
             self._next()
+
+    def _respond(self, answer: Answer, method: str, started: float) -> None:
+        """Write a whole answer, and count it."""
+        self._write(self._head(answer, len(answer.body)) + (b"" if method == "HEAD" else answer.body))
+        self.edge.gateway.metrics.observe(TRANSPORT, method, answer.status, time.monotonic() - started)
 
     async def _stream(self, head: bytes, stream: LinkResponse, legacy: bool) -> None:
         """Pipe a node's SSE stream to the client, in chunks (to the close, for an HTTP/1.0 client)."""
@@ -391,16 +425,21 @@ class EdgeConnection(asyncio.Protocol):
         return "".join(lines).encode("latin-1", "replace")
 
     def _next(self) -> None:
-        """After an answer: wait for the next request on a kept-alive connection, or close."""
+        """After an answer: read the next request on a kept-alive connection, or close."""
+        if self._ready_for_next():
+            self._advance()
+
+    def _ready_for_next(self) -> bool:
+        """After an answer: wait for the next request on a kept-alive connection (True), or close."""
         if self.lost:
-            return
+            return False
         if not self.keep_alive:
             self._close()
-            return
+            return False
         if not self.reading:
             self._reading(True)
         self._deadline(self.edge.gateway.config.client_header_timeout, self._close)
-        self._advance()
+        return True
 
     def _refuse(self, exc: TetherError) -> None:
         """Answer a request that cannot be read (400, 408, 413) and end the connection, reading and
@@ -479,8 +518,14 @@ class EdgeConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._disarm()
+        self.dropping = True  # nothing more is read
         if self.transport is not None:
             self.transport.close()
+
+    def answering(self) -> asyncio.Future[Any] | None:
+        """What finishes when the request being answered has been (None while there is none)."""
+        task = self.task
+        return task if task is None or isinstance(task, asyncio.Task) else task.ended()
 
     async def drain(self) -> None:
         """Wait while the client's socket is full. Raises ConnectionResetError once the client has gone."""
@@ -518,6 +563,70 @@ class EdgeStream:
         await self.conn.drain()
 
 
+class _Forwarded:
+    """A POST sent to its node by `_dispatch`, waiting with no task for the head of the answer: the link
+    calls `arrived` when it comes (or the link fails), the timer `expired` if `read_timeout` passes
+    first, and the client leaving `cancel`s it. A whole answer is written from there; a stream, or a
+    whole answer still arriving, is handed to a task, as `_answer` serves any other request."""
+
+    __slots__ = ("conn", "sent", "started", "legacy", "timer", "waiter")
+
+    def __init__(self, conn: EdgeConnection, sent: Sent, started: float, legacy: bool) -> None:
+        self.conn, self.sent, self.started, self.legacy = conn, sent, started, legacy
+        self.waiter: asyncio.Future[None] | None = None  # for `Edge.close`, made when it asks
+        sent.resp.listener = self.arrived
+        assert conn.loop is not None and sent.read_timeout is not None  # a POST's wait is always bounded
+        self.timer: asyncio.TimerHandle | None = conn.loop.call_later(sent.read_timeout, self.expired)
+
+    def arrived(self) -> None:
+        self._answer(late=False)
+
+    def expired(self) -> None:
+        self.timer = None
+        self._answer(late=True)
+
+    def cancel(self) -> None:
+        """The client left: the node is told to stop."""
+        self._end()
+        self.sent.resp.close()
+
+    def ended(self) -> asyncio.Future[None]:
+        """Set once the answer has been written or handed to a task."""
+        if self.waiter is None:
+            assert self.conn.loop is not None
+            self.waiter = self.conn.loop.create_future()
+        return self.waiter
+
+    def _answer(self, *, late: bool) -> None:
+        self._end()
+        conn, resp = self.conn, self.sent.resp
+        try:
+            answer = answered(conn.edge.gateway, self.sent, late=late)
+            if answer is None or answer.stream is not None:  # a whole answer still arriving, or a stream
+                answering = answer or conn.edge.gateway.relay(resp, {})
+                conn.task = task = conn.edge.tasks.spawn(conn._answer(answering, "POST", self.legacy, self.started),
+                                                         "request")
+                task.add_done_callback(lambda _: resp.close())  # a task cancelled before it ran closes nothing
+                return
+            conn._respond(answer, "POST", self.started)
+        except Exception:  # called from the link's reading, which must go on for every other exchange
+            log.exception("request.failed")
+            resp.close()
+            conn.keep_alive = False
+            conn._respond(_failed(), "POST", self.started)
+        conn._next()
+
+    def _end(self) -> None:
+        self.sent.resp.listener = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.conn.task is self:
+            self.conn.task = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
 class Edge:
     """The protocol factory `loop.create_server` calls: one `EdgeConnection` per client connection."""
 
@@ -538,12 +647,27 @@ class Edge:
         for conn in list(self.connections):
             if conn.task is None:
                 conn._close()
-        busy = [conn.task for conn in self.connections if conn.task is not None]
-        if busy:
-            await asyncio.wait(busy, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (busy := [w for conn in self.connections if (w := conn.answering()) is not None and not w.done()]) \
+                and loop.time() < deadline:
+            await asyncio.wait(busy, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
         await self.tasks.close()
         for conn in list(self.connections):
             conn._close()
+
+
+def _failed() -> Answer:
+    return Answer.error(TetherError("Internal Server Error: the gateway failed on this request"))
+
+
+async def _admit_and_answer(gw: Gateway, request: EdgeRequest, body: bytes) -> Answer:
+    """`answer_mcp` for a request whose admission had to wait (a JWT to verify)."""
+    try:
+        principal = await gw.admit(request)
+    except TetherError as exc:
+        return Answer.error(exc)
+    return await answer_mcp(gw, request, principal, body)
 
 
 def _fields(lines: list[str]) -> Headers:

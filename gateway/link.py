@@ -27,7 +27,7 @@ from actors import mux
 from actors.store.base import NodeRecord
 from actors.waiting import Arrivals
 from actors.wire import LinkRefused, Wire, connect
-from tether.errors import Overloaded, UpstreamTimeout
+from tether.errors import Overloaded, TetherError, UpstreamTimeout
 from tether.tasks import TaskSet
 
 log = logging.getLogger("tether.gateway")
@@ -51,12 +51,14 @@ class LinkResponse(Arrivals):
 
     status: int
     headers: dict[str, str]
-    __slots__ = ("status", "headers", "_conn", "_xid", "_read_timeout", "_message")
+    __slots__ = ("status", "headers", "listener", "_conn", "_xid", "_read_timeout", "_message")
 
     def __init__(self, conn: _Connection, xid: int, read_timeout: float | None) -> None:
         super().__init__()
         self.status = 0
         self.headers = {}
+        # Called, in place of waking a reader, when the head, a piece or the end comes, or a failure.
+        self.listener: Callable[[], None] | None = None
         self._conn = conn
         self._xid = xid
         self._read_timeout = read_timeout
@@ -118,6 +120,12 @@ class LinkResponse(Arrivals):
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    def _wake(self) -> None:
+        if self.listener is not None:
+            self.listener()
+        else:
+            super()._wake()
+
     def _feed(self, frame: mux.Frame, limit: int, message: int) -> None:
         """Take one frame. At the first of its frames in a link message, what its reader has left
         untaken from earlier messages is held against `limit`; a message's own frames all land (the
@@ -155,15 +163,27 @@ class _Connection(Wire):
         self._on_lost = on_lost
         self._ids = itertools.count(1)
 
-    async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
-                    read_timeout: float | None) -> LinkResponse:
+    def begin(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
+              read_timeout: float | None) -> LinkResponse:
+        """Send a request; its answer comes to the returned response. Raises ConnectionError."""
         xid = next(self._ids) & 0xFFFFFFFF
         while xid in self.exchanges or xid == 0:  # after 2**32 exchanges the ids wrap; a stream may hold one
             xid = next(self._ids) & 0xFFFFFFFF
         resp = LinkResponse(self, xid, read_timeout)
-        self.exchanges[xid] = resp  # before the send: its answer may come while `put` waits
+        self.exchanges[xid] = resp  # before the send: its answer may come while the sender waits
         try:
-            await self.put(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+            self.post(mux.encode(mux.REQUEST, xid, [method, sid, headers], body))
+        except ConnectionError:
+            resp.close()
+            raise
+        return resp
+
+    async def start(self, method: str, sid: str, headers: Mapping[str, str], body: bytes,
+                    read_timeout: float | None) -> LinkResponse:
+        """`begin`, then wait while the link's socket is full."""
+        resp = self.begin(method, sid, headers, body, read_timeout)
+        try:
+            await self.writable()
         except BaseException:
             resp.close()  # sent, and its caller gone while it waited: the node is told to drop it
             raise
@@ -216,23 +236,35 @@ class NodeLink:
         try:
             resp = await conn.start(method, sid, headers or {}, body or b"", read_timeout)
         except ConnectionError as exc:
-            raise Overloaded(f"Service Unavailable: node {node.node_id} cannot be reached ({exc!r})",
-                             retry_after=1.0) from exc
+            raise unreachable(node, exc) from exc
         try:
             while resp.status == 0:  # the head (here, not in a method: one coroutine fewer to wake)
                 if not await resp._wait(read_timeout):
                     raise TimeoutError
-        except TimeoutError as exc:
+        except (TimeoutError, LinkLost) as exc:
             resp.close()
-            raise UpstreamTimeout(f"Gateway Timeout: node {node.node_id} did not answer within "
-                                  f"{read_timeout:g}s") from exc
-        except LinkLost as exc:
-            resp.close()
-            raise Overloaded(f"Service Unavailable: {exc}", retry_after=1.0) from exc
+            raise no_head(node, exc, read_timeout) from exc
         except BaseException:
             resp.close()
             raise
         return resp
+
+    def send_now(self, node: NodeRecord, method: str, sid: str, *, read_timeout: float | None, body: bytes,
+                 headers: Mapping[str, str]) -> LinkResponse | None:
+        """`call`'s sending, when it needs no wait: on an open link connection whose socket is not full.
+        Its caller learns of the answer through the response's `listener`, and times its head itself.
+        None when a connection must open or drain first (`call` waits for that). Raises `Overloaded`."""
+        pool = self._pools.get(node.url)
+        if pool is None or len(pool) < self._size:
+            return None
+        self._turn += 1
+        conn = pool[self._turn % len(pool)]
+        if conn.congested:
+            return None
+        try:
+            return conn.begin(method, sid, headers, body, read_timeout)
+        except ConnectionError as exc:
+            raise unreachable(node, exc) from exc
 
     async def _connection(self, node: NodeRecord) -> _Connection:
         """A connection to `node` from its pool, opening one while the pool is short."""
@@ -282,3 +314,15 @@ class NodeLink:
             for conn in list(pool):
                 conn.close()
         await self._tasks.close(timeout=2.0)
+
+
+def unreachable(node: NodeRecord, exc: ConnectionError) -> Overloaded:
+    return Overloaded(f"Service Unavailable: node {node.node_id} cannot be reached ({exc!r})", retry_after=1.0)
+
+
+def no_head(node: NodeRecord, exc: Exception, read_timeout: float | None) -> TetherError:
+    """Why the head of a node's answer never came, for the client: the link failed (503), or the node
+    said nothing for `read_timeout` seconds (504)."""
+    if isinstance(exc, LinkLost):
+        return Overloaded(f"Service Unavailable: {exc}", retry_after=1.0)
+    return UpstreamTimeout(f"Gateway Timeout: node {node.node_id} did not answer within {read_timeout:g}s")

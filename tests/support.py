@@ -145,6 +145,17 @@ async def wait_process_gone(pid: int, timeout: float) -> None:
     await wait_until(reaped, timeout, f"pid {pid} reaped")
 
 
+async def node_metric(http: aiohttp.ClientSession, up: TetherUp, name: str, **labels: str) -> float:
+    """Sum a metric over every node's /metrics page."""
+    total = 0.0
+    for url, _ in up.nodes.values():
+        async with http.get(url + "/metrics") as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class RawClient:
     """Plain HTTP against the MCP endpoint, for checking statuses and bodies exactly."""
 

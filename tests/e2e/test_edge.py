@@ -8,11 +8,20 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import orjson
 import pytest
 
 from tests.conftest import BODY_LIMIT
-from tests.support import RawClient, TetherUp, call_tool, error_message, wait_until
+from tests.support import (
+    RawClient,
+    TetherUp,
+    call_tool,
+    error_message,
+    initialize_message,
+    node_metric,
+    wait_until,
+)
 
 DEADLINE = 30.0
 
@@ -88,6 +97,42 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(tether
         status, headers, body = await w.answer()
         assert (status, result_text(body)) == (200, "4")
         assert "connection" not in headers
+
+
+async def test_a_long_pipeline_of_refusals_is_answered_in_order(tether: TetherUp, sid: str) -> None:
+    # Refusals are answered as they are read, with no task; 1,500 of them in one write (past Python's
+    # default recursion limit, were each answer to read the next) come back in order, and the
+    # connection serves on.
+    count = 1500
+    async with wire(tether) as w:
+        w.send(b"".join(post(sid, initialize_message(i)) for i in range(count)))  # initialized already: 400
+        answers = [await w.answer() for _ in range(count)]
+        assert {status for status, _, _ in answers} == {400}
+        assert "already initialized" in error_message(answers[-1][2])
+        assert [orjson.loads(body)["id"] for _, _, body in answers] == list(range(count))
+        w.send(post(sid, call_tool(1, "increment")))
+        status, headers, body = await w.answer()
+        assert (status, result_text(body), headers.get("connection")) == (200, "1", None)
+
+
+async def test_a_client_that_leaves_a_waiting_post_ends_its_request_on_the_node(
+        tether: TetherUp, sid: str, http: aiohttp.ClientSession) -> None:
+    # A POST waits for its node's answer with no task of the gateway's own to cancel: the client
+    # hanging up must still tell the node, which then stops waiting for the upstream's answer (it
+    # would otherwise wait for upstream_request_timeout, five minutes).
+    requests = await node_metric(http, tether, "tether_actor_messages_total", kind="request")
+    ended = await node_metric(http, tether, "tether_actor_request_seconds_count")
+    async with wire(tether) as w:
+        w.send(post(sid, call_tool(7, "count_slowly", {"steps": 2, "interval": 600})))
+        await wait_until(lambda: _above(http, tether, "tether_actor_messages_total", requests, kind="request"),
+                         timeout=DEADLINE, what="the request to reach the node")
+        assert await node_metric(http, tether, "tether_actor_request_seconds_count") == ended  # still waiting
+    await wait_until(lambda: _above(http, tether, "tether_actor_request_seconds_count", ended),
+                     timeout=DEADLINE, what="the node to end the request its client left")
+
+
+async def _above(http: aiohttp.ClientSession, up: TetherUp, name: str, value: float, **labels: str) -> bool:
+    return await node_metric(http, up, name, **labels) > value
 
 
 async def test_other_paths_hand_the_connection_to_aiohttp_and_mcp_still_works_there(tether: TetherUp,

@@ -20,6 +20,7 @@ from tests.support import (
     TetherUp,
     call_tool,
     initialize_message,
+    node_metric,
     process_exists,
     wait_process_gone,
     wait_until,
@@ -46,17 +47,6 @@ def short_idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherUp]:
 @pytest.fixture
 def idle_raw(http: aiohttp.ClientSession, short_idle: TetherUp) -> RawClient:
     return RawClient(http, short_idle.mcp_url)
-
-
-async def node_metric(http: aiohttp.ClientSession, up: TetherUp, name: str, **labels: str) -> float:
-    """Sum a metric over every node's /metrics page."""
-    total = 0.0
-    for url, _ in up.nodes.values():
-        async with http.get(url + "/metrics") as resp:
-            for line in (await resp.text()).splitlines():
-                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                    total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_delete_ends_the_session_and_reaps_its_server(raw: RawClient, tether: TetherUp,

@@ -142,8 +142,9 @@ async def test_a_stalled_node_is_answered_with_504_not_a_hang(tmp_path: Path,
             status, _, body = await raw.post(LIST, sid=sid, accept="application/json")
         finally:
             os.kill(owner_pid, signal.SIGCONT)
-        assert status == 504
-        assert "did not answer within 6s" in orjson.loads(body)["error"]["message"]
+        answer = orjson.loads(body)
+        assert (status, answer["id"]) == (504, LIST["id"])
+        assert "did not answer within 6s" in answer["error"]["message"]
         assert (await raw.call(sid, LIST))["result"]["tools"]  # resumed, the session is intact
     finally:
         assert up.stop() == 0
