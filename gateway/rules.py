@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,6 +43,7 @@ from tether.errors import (
 
 JSON = "application/json"
 SSE = "text/event-stream"
+ANSWER_MODES_KEPT = 256  # (Content-Type, Accept, preference) triples whose answer mode is remembered
 
 
 def check_origin(origin: str | None, allowed: Sequence[str]) -> None:
@@ -78,9 +80,10 @@ def check_json_body(content_type: str | None) -> None:
         raise UnsupportedMediaType(f"Unsupported Media Type: Content-Type must be {JSON}, got {media or 'none'!r}")
 
 
+@functools.lru_cache(maxsize=ANSWER_MODES_KEPT)  # a client sends the same two headers every time
 def post_answer_mode(content_type: str | None, accept: str | None, preferred: str) -> str:
     """'sse', 'json' or 'auto' (the node picks, answer by answer) for a POST. Raises
-    `UnsupportedMediaType` (415) or `NotAcceptable` (406)."""
+    `UnsupportedMediaType` (415) or `NotAcceptable` (406), which are never kept."""
     check_json_body(content_type)
     json_ok, sse_ok = accepted(accept)
     if not (json_ok or sse_ok):
