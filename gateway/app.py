@@ -38,7 +38,7 @@ from actors.sse import PING
 from actors.store.base import NodeRecord, OwnershipRecord, Store
 from actors.store.link import store_routes
 from gateway import rules
-from gateway.auth import WELL_KNOWN, Authenticator, Principal
+from gateway.auth import WELL_KNOWN, Authenticator, Principal, anonymous
 from gateway.limits import RateLimiter
 from gateway.link import LinkLost, LinkResponse, NodeLink, no_head
 from gateway.metrics import GatewayMetrics
@@ -152,12 +152,15 @@ class Gateway:
         when its JWT must be verified first (`admit` waits for that; nothing has been counted yet).
         Raises `Forbidden` (403), `Unauthorized` (401) or `QuotaExceeded` (429)."""
         rules.check_origin(request.headers.get("Origin"), self.config.allowed_origins)
-        try:
-            principal = self.auth.identify_now(request.headers, request.remote, self._base(request))
-        except TetherError:
-            self._unidentified(request)
-            raise
-        if principal is not None:
+        if not self.auth.methods:
+            principal: Principal | None = anonymous(request.remote)  # what identify_now says, in one call
+        else:
+            try:
+                principal = self.auth.identify_now(request.headers, request.remote, _base(request))
+            except TetherError:
+                self._unidentified(request)
+                raise
+        if principal is not None and self.rate.enabled:
             self._limit(principal.quota_key)
         return principal
 
@@ -166,15 +169,12 @@ class Gateway:
         principal = self.admit_now(request)
         if principal is None:
             try:
-                principal = await self.auth.identify(request.headers, request.remote, self._base(request))
+                principal = await self.auth.identify(request.headers, request.remote, _base(request))
             except TetherError:
                 self._unidentified(request)
                 raise
             self._limit(principal.quota_key)
         return principal
-
-    def _base(self, request: ClientRequest) -> str:
-        return f"{request.scheme}://{request.host}" if self.auth.enabled else ""  # only a challenge needs it
 
     def _unidentified(self, request: ClientRequest) -> None:
         self.metrics.refused["unauthorized"].inc()
@@ -397,6 +397,11 @@ class Gateway:
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 PRINCIPAL_KEY = "tether.principal"  # set on every client request by `admitted`
+
+
+def _base(request: ClientRequest) -> str:
+    """The gateway's own URL, as the client reached it: for a 401's challenge."""
+    return f"{request.scheme}://{request.host}"
 
 
 def _on_behalf(principal: Principal, headers: Mapping[str, str] | None) -> dict[str, str]:

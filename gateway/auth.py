@@ -14,6 +14,7 @@ count per client address instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ JWKS_REFRESH = 300.0
 JWKS_MIN_REFETCH = 30.0
 TOKENS_RECHECK = 5.0  # seconds between looks at the tokens file's modification time
 JWT_LEEWAY = 30  # seconds of clock skew allowed on exp and nbf
+PRINCIPALS_KEPT = 4096  # principals (by name or client address) kept made, each with its binding tag
 
 
 def token_hash(token: str) -> str:
@@ -50,19 +52,22 @@ def principal_tag(name: str) -> str:
 
 
 class Principal(NamedTuple):
-    """Who made a request, as far as sessions and quotas are concerned. (A tuple: every request makes one.)"""
+    """Who made a request, as far as sessions and quotas are concerned. Made once a name or client
+    address (`anonymous`, `_named`) and shared by its requests: each request names its binding."""
 
     name: str  # as authenticated; "" when authentication is off
     quota_key: str  # whose quotas the request counts against: the name, or "addr:" and the client address
-
-    @property
-    def binding(self) -> str:
-        """What a session is bound to at creation: the tag of the name, "" for the anonymous principal."""
-        return principal_tag(self.name) if self.name else ""
+    binding: str  # what a session is bound to at creation: the tag of the name, "" for the anonymous principal
 
     @property
     def quota_tag(self) -> str:
         return principal_tag(self.quota_key)
+
+
+@functools.lru_cache(maxsize=PRINCIPALS_KEPT)
+def anonymous(remote: str | None) -> Principal:
+    """The principal of a request when authentication is off: known by its client address."""
+    return Principal("", f"addr:{remote or 'unknown'}", "")
 
 
 def read_tokens(path: str) -> dict[str, str]:
@@ -105,10 +110,6 @@ class Authenticator:
         self._fetch_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.methods)
-
     async def start(self) -> None:
         """Load the tokens and the signing keys now, so a bad file stops the gateway at start."""
         if "token" in self.methods:
@@ -137,7 +138,7 @@ class Authenticator:
         `identify` verifies (its issuer's keys may need fetching). Raises `Unauthorized` (401 with a
         challenge)."""
         if not self.methods:
-            return Principal("", f"addr:{remote or 'unknown'}")
+            return anonymous(remote)
         token = _token(headers)
         if not token:
             raise Unauthorized("Unauthorized: send a bearer token (Authorization: Bearer ...)",
@@ -250,9 +251,10 @@ class Authenticator:
                 self._keys_fetched = self._clock()
 
 
+@functools.lru_cache(maxsize=PRINCIPALS_KEPT)
 def _named(name: str) -> Principal:
     """A principal by name; names carry their method, so a JWT subject never equals a token's name."""
-    return Principal(name, name)
+    return Principal(name, name, principal_tag(name))
 
 
 def _token(headers: Mapping[str, str]) -> str | None:

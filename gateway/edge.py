@@ -426,7 +426,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def _next(self) -> None:
         """After an answer: read the next request on a kept-alive connection, or close."""
-        if self._ready_for_next():
+        if self._ready_for_next() and self.buffer:  # else nothing has come yet: data_received reads it
             self._advance()
 
     def _ready_for_next(self) -> bool:

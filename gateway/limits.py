@@ -21,6 +21,7 @@ class RateLimiter:
     def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
                  max_keys: int = 100_000) -> None:
         self.rate = rate
+        self.enabled = rate > 0  # else `take` always finds a token
         self.burst = float(burst)
         self._clock = clock
         self._max_keys = max_keys
