@@ -105,7 +105,7 @@ class Placement:
         """The owner of a live session when the route cache holds it and fresh membership confirms it:
         no store call, no wait. None otherwise; `locate` then finds out."""
         record = self.cache.get(key)
-        if record is None or not self.fresh:
+        if record is None or self.clock() - self.read_at > self.stale_after:  # not `fresh`: one call fewer
             return None
         node = self.members.get(record.node_id)
         if node is None or (record.incarnation and node.incarnation != record.incarnation):

@@ -121,7 +121,7 @@ class Sent(NamedTuple):
     sid: str
     node: NodeRecord
     read_timeout: float | None
-    request_id: object  # the JSON-RPC id an error answer carries
+    post: rules.Post | None  # what an error answer's JSON-RPC id comes from
 
 
 class Gateway:
@@ -299,7 +299,7 @@ class Gateway:
         return resp
 
     def send_now(self, method: str, sid: str, principal: Principal, *, body: bytes, headers: Mapping[str, str],
-                 request_id: object = None) -> Sent | None:
+                 post: rules.Post | None = None) -> Sent | None:
         """`call`'s sending, when it needs no wait: the owner is in the route cache and its link is open
         and not full. None otherwise (`call` waits). The caller times the head of the answer and hands
         it to `check_answer`. Raises `SessionNotFound` or `Overloaded`."""
@@ -310,7 +310,7 @@ class Gateway:
         read_timeout = self.read_timeout(method, headers)
         resp = self.link.send_now(node, method, sid, body=body, headers=_on_behalf(principal, headers),
                                   read_timeout=read_timeout)
-        return None if resp is None else Sent(resp, sid, node, read_timeout, request_id)
+        return None if resp is None else Sent(resp, sid, node, read_timeout, post)
 
     def _check_genuine(self, sid: str) -> None:
         if not self.ids.genuine(sid):  # forged, altered or malformed: refused without a lookup
@@ -444,9 +444,12 @@ async def as_error(resp: LinkResponse) -> TetherError:
     return error
 
 
-def _forwarded(request: ClientRequest, **extra: str) -> dict[str, str]:
-    headers = {k: v for k in _FORWARDED if (v := request.headers.get(k)) is not None}
-    headers.update(extra)
+def _forwarded(request: ClientRequest, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """`headers`, and the client's headers a node needs to see."""
+    headers = {} if headers is None else headers
+    for name in _FORWARDED:
+        if (value := request.headers.get(name)) is not None:
+            headers[name] = value
     return headers
 
 
@@ -523,7 +526,7 @@ def post_now(gw: Gateway, request: ClientRequest, principal: Principal, body: by
             return None
         assert sid is not None  # only a new session may have none yet
         return gw.send_now("POST", sid, principal, body=body, headers=_post_headers(request, mode, post),
-                           request_id=_error_id(post))
+                           post=post)
     except TetherError as exc:
         return Answer.error(exc, _error_id(post))
 
@@ -541,7 +544,7 @@ def answered(gw: Gateway, sent: Sent, *, late: bool = False) -> Answer | None:
         gw.check_answer("POST", sent.sid, resp)
         return gw.relay_now(resp, {})
     except TetherError as exc:
-        return Answer.error(exc, sent.request_id)
+        return Answer.error(exc, _error_id(sent.post))
 
 
 def _read_post(config: Config, headers: Mapping[str, str], body: bytes) -> tuple[str, str, rules.Post]:
@@ -575,7 +578,7 @@ def _post_target(gw: Gateway, request: ClientRequest, principal: Principal, post
 
 
 def _post_headers(request: ClientRequest, mode: str, post: rules.Post) -> dict[str, str]:
-    return _forwarded(request, **{RESPONSE_HEADER: mode, **({BATCH_HEADER: "1"} if post.batch else {})})
+    return _forwarded(request, {RESPONSE_HEADER: mode, BATCH_HEADER: "1"} if post.batch else {RESPONSE_HEADER: mode})
 
 
 def _error_id(post: rules.Post | None) -> object:

@@ -252,7 +252,8 @@ class EdgeConnection(asyncio.Protocol):
         if path != _MCP:
             self._hand_off()
             return False
-        self._deadline(None)
+        # The header deadline stays until what follows replaces it: the body's, a refusal's, or none
+        # once the request is dispatched (all in this turn).
         head = bytes(buf[:end + 4])
         del buf[:end + 4]
         self.message = m = _Message()
@@ -565,7 +566,7 @@ class EdgeStream:
 
 class _Forwarded:
     """A POST sent to its node by `_dispatch`, waiting with no task for the head of the answer: the link
-    calls `arrived` when it comes (or the link fails), the timer `expired` if `read_timeout` passes
+    calls `_answer` when it comes (or the link fails), the timer `expired` if `read_timeout` passes
     first, and the client leaving `cancel`s it. A whole answer is written from there; a stream, or a
     whole answer still arriving, is handed to a task, as `_answer` serves any other request."""
 
@@ -574,12 +575,9 @@ class _Forwarded:
     def __init__(self, conn: EdgeConnection, sent: Sent, started: float, legacy: bool) -> None:
         self.conn, self.sent, self.started, self.legacy = conn, sent, started, legacy
         self.waiter: asyncio.Future[None] | None = None  # for `Edge.close`, made when it asks
-        sent.resp.listener = self.arrived
+        sent.resp.listener = self._answer
         assert conn.loop is not None and sent.read_timeout is not None  # a POST's wait is always bounded
         self.timer: asyncio.TimerHandle | None = conn.loop.call_later(sent.read_timeout, self.expired)
-
-    def arrived(self) -> None:
-        self._answer(late=False)
 
     def expired(self) -> None:
         self.timer = None
@@ -597,7 +595,8 @@ class _Forwarded:
             self.waiter = self.conn.loop.create_future()
         return self.waiter
 
-    def _answer(self, *, late: bool) -> None:
+    def _answer(self, late: bool = False) -> None:
+        """The head of the node's answer came, or the link failed (or, `late`, the timer ran out)."""
         self._end()
         conn, resp = self.conn, self.sent.resp
         try:

@@ -101,6 +101,7 @@ def check_stream_accept(accept: str | None) -> None:
         raise NotAcceptable(f"Not Acceptable: Accept must include {SSE} to open a stream")
 
 
+@functools.lru_cache(maxsize=16)  # a handful of revisions exist; a refusal raises and is never kept
 def protocol_version(header: str | None) -> str:
     """The revision a request speaks. Raises `UnsupportedProtocolVersion` (400) for one we do not serve."""
     if header is None:
