@@ -127,8 +127,9 @@ class EventLog:
             stream = self.streams[0] = StreamLog(0, logged=True)
         return stream
 
-    def append(self, stream: StreamLog, message: dict[str, Any]) -> EventId:
-        """Add an event to `stream` and return its id; the oldest logged events go past the bound."""
+    def append(self, stream: StreamLog, message: dict[str, Any]) -> int:
+        """Add an event to `stream` and return its number there (its id: `EventId(stream.stream, number)`);
+        the oldest logged events go past the bound."""
         stream.last_seq += 1
         stream.events = _push(stream.events, (stream.last_seq, message))
         if stream.logged:
@@ -136,7 +137,7 @@ class EventLog:
             self.size += 1
             while self.size > self.limit:
                 self._evict()
-        return EventId(stream.stream, stream.last_seq)
+        return stream.last_seq
 
     def log_stream(self, stream: StreamLog) -> None:
         """An undecided answer became a stream: from now on it is resumable, and its events, those it
@@ -162,7 +163,8 @@ class EventLog:
     def finish(self, stream: StreamLog) -> None:
         """`stream` gets no more events; it is forgotten once none of its events are left."""
         stream.finished = True
-        self._prune(stream)
+        if not stream.events and stream.stream != 0:  # `_prune`, in place: every answer ends here
+            self.streams.pop(stream.stream, None)
 
     def discard(self, stream: StreamLog) -> None:
         """Forget an unlogged stream (a JSON answer, or an undecided one) once it has been read."""

@@ -222,7 +222,8 @@ class _Connection(asyncio.Protocol):
         if self._response is not resp:
             return
         self._response = None
-        self.resume()
+        if self._paused:
+            self.resume()
         if resp._done and self._keep and resp._error is None and not self.closed:
             self.idle_since = time.monotonic()
             self._pool.put_back(self)

@@ -33,7 +33,7 @@ class Inbox(Generic[T]):
     @property
     def room(self) -> int | None:
         """How many more items fit, or None without a bound."""
-        return None if not self.maxsize else self.maxsize - len(self)
+        return None if not self.maxsize else self.maxsize - (len(self._items) - self._head)  # len(self), in place
 
     def put(self, item: T) -> None:
         self._items.append(item)

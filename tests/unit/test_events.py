@@ -17,8 +17,8 @@ def test_ids_name_their_stream_and_count_from_one() -> None:
     log = EventLog(10)
     post = log.open()
     get = log.get_stream()
-    assert [str(log.append(post, msg(1))), str(log.append(get, msg(2))), str(log.append(post, msg(3)))] == [
-        "1-1", "0-1", "1-2"]
+    ids = [str(EventId(stream.stream, log.append(stream, msg(n)))) for n, stream in enumerate((post, get, post))]
+    assert ids == ["1-1", "0-1", "1-2"]
     assert log.open().stream == 2  # every POST stream gets a number of its own
 
 
