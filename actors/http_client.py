@@ -68,9 +68,10 @@ class Response(Arrivals):
     """One answer: status and headers at once, the body as it arrives. Leaving `async with` (or
     `release`) gives the connection back once the body has ended, and closes it otherwise.
 
-    With a `listener`, each arrival (the head, a piece of the body, the end, a failure) calls it
-    from the connection's callback instead of waking a reader: an answer read whole costs no task.
-    A listener that sets `listener` to None hands the rest to a reader.
+    With a `listener`, arrivals (the head, a piece of the body, the end, a failure) call it from the
+    connection's callback instead of waking a reader: an answer read whole costs no task. What one
+    read of the socket brings calls it once, after the read (the usual answer, head and body in one
+    read, calls it once). A listener that sets `listener` to None hands the rest to a reader.
     """
 
     __slots__ = ("status", "headers", "listener", "_conn", "_read_timeout")
@@ -124,10 +125,12 @@ class Response(Arrivals):
             self._conn.pause()
 
     def _wake(self) -> None:
-        if self.listener is not None:
-            self.listener(self)
-        else:
+        if self.listener is None:
             super()._wake()
+        elif self._conn.reading:
+            self._conn.woke = True  # the listener hears of it once the read is done
+        else:
+            self.listener(self)
 
 
 class _Connection(asyncio.Protocol):
@@ -142,6 +145,8 @@ class _Connection(asyncio.Protocol):
         self._interim = False  # the head being read is a 1xx, not the answer
         self._keep = False
         self._paused = False
+        self.reading = False  # in data_received: the response's listener waits for the read's end
+        self.woke = False  # something arrived for the listener during this read
         self.closed = False
         self.idle_since = 0.0
 
@@ -151,10 +156,21 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
+        resp = self._response
+        self.reading = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._abort(HttpClientError(f"Cannot read the upstream's answer: {exc}"))
+        finally:
+            self.reading = False
+        if self.woke:
+            self.woke = False
+            if resp is not None and resp.listener is not None:
+                try:
+                    resp.listener(resp)
+                except Exception as exc:  # as from a parser callback: the answer cannot be had
+                    self._abort(HttpClientError(f"Cannot read the upstream's answer: {exc!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

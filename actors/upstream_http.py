@@ -327,16 +327,17 @@ class _Posted:
         if resp._error is not None:
             self._done(resp)
             upstream._failed(message, resp._error)
+        elif resp.content_type == "text/event-stream" or (not resp._done and resp._size > min(upstream._max,
+                                                                                               HIGH_WATER)):
+            # Read by a task: a stream (even one that came whole in one read), or a body big enough
+            # to need back-pressure.
+            self._done(resp, release=False)
+            resp.listener = None
+            upstream._tasks.spawn(upstream._finish(message, resp), "post")
         elif resp._done:
             body = resp.take()
             self._done(resp)
             upstream._took(message, message["id"], resp.status, body)
-        elif resp._size > min(upstream._max, HIGH_WATER) or \
-                (not resp._chunks and resp.content_type == "text/event-stream"):  # only the head has come
-            # Read by a task: a stream, or a body big enough to need back-pressure.
-            self._done(resp, release=False)
-            resp.listener = None
-            upstream._tasks.spawn(upstream._finish(message, resp), "post")
 
     def _done(self, resp: Response, release: bool = True) -> None:
         self.upstream.posted.discard(self)

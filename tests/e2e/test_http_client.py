@@ -176,8 +176,11 @@ async def test_an_answer_sent_without_waiting_reaches_its_listener_on_the_same_c
         assert orjson.loads(await resp.read())["body"] == "first"
     for i in range(3):
         answered: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        calls: list[bool] = []
 
-        def listener(resp: Response, answered: asyncio.Future[tuple[int, bytes]] = answered) -> None:
+        def listener(resp: Response, answered: asyncio.Future[tuple[int, bytes]] = answered,
+                     calls: list[bool] = calls) -> None:
+            calls.append(resp._done)
             if resp._done and not answered.done():
                 answered.set_result((resp.status, resp.take()))
                 resp.listener = None
@@ -187,6 +190,7 @@ async def test_an_answer_sent_without_waiting_reaches_its_listener_on_the_same_c
         status, body = await asyncio.wait_for(answered, 5)
         assert status == 200
         assert orjson.loads(body) == {"method": "POST", "body": f"hello {i}", "session": "abc"}
+        assert calls == [True]  # head and body came in one read: the listener heard once, at the end
     assert len(set(ports)) == 1, f"four requests took {len(set(ports))} connections"
 
 
