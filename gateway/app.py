@@ -69,6 +69,7 @@ LISTEN_BACKLOG = 1024  # connections the kernel queues before the gateway accept
 LINK_SLACK = 5.0  # seconds a node may take beyond its own limits before the gateway gives up on it
 # Client headers a node needs to see; nothing else crosses the link.
 _FORWARDED = (VERSION_HEADER, "Last-Event-ID")
+_RELAYED = ("Content-Type", "Retry-After")  # a node's headers a whole answer carries to the client
 
 
 class ClientRequest(Protocol):
@@ -151,7 +152,8 @@ class Gateway:
         """Who the client is, if it may call at all: Origin, credentials, then its request rate. None
         when its JWT must be verified first (`admit` waits for that; nothing has been counted yet).
         Raises `Forbidden` (403), `Unauthorized` (401) or `QuotaExceeded` (429)."""
-        rules.check_origin(request.headers.get("Origin"), self.config.allowed_origins)
+        if (origin := request.headers.get("Origin")) is not None:  # a browser's: checked (else no call)
+            rules.check_origin(origin, self.config.allowed_origins)
         if not self.auth.methods:
             principal: Principal | None = anonymous(request.remote)  # what identify_now says, in one call
         else:
@@ -410,9 +412,15 @@ def _on_behalf(principal: Principal, headers: Mapping[str, str] | None) -> dict[
 
 def _relayed_headers(resp: LinkResponse, sse: bool, extra: Mapping[str, str]) -> Mapping[str, str]:
     """The headers a whole answer from a node carries to the client."""
-    headers: Mapping[str, str] = SSE_HEADERS if sse else {
-        k: v for k in ("Content-Type", "Retry-After") if (v := resp.headers.get(k)) is not None}
-    return {**headers, **extra} if extra else headers
+    if sse:
+        return {**SSE_HEADERS, **extra} if extra else SSE_HEADERS
+    headers = {}
+    for name in _RELAYED:  # a loop, not a comprehension: one call fewer on every answer
+        if (value := resp.headers.get(name)) is not None:
+            headers[name] = value
+    if extra:
+        headers.update(extra)
+    return headers
 
 
 def _principal_headers(principal: Principal, *, create: bool = False) -> dict[str, str]:

@@ -334,7 +334,7 @@ class EdgeConnection(asyncio.Protocol):
         (a new session, a route or credential to look up, a stream) is answered by a task."""
         m = self.message
         assert m is not None
-        self._deadline(None)
+        self.due = self.then = None  # `_deadline(None)`, in place: no deadline while it is answered
         self.message = None
         # After a chunked body the parser may have read into the next request: the connection ends.
         self.keep_alive = m.keep_alive and not m.chunked and not self.edge.closing
@@ -394,7 +394,8 @@ class EdgeConnection(asyncio.Protocol):
 
     def _respond(self, answer: Answer, method: str, started: float) -> None:
         """Write a whole answer, and count it."""
-        self._write(self._head(answer, len(answer.body)) + (b"" if method == "HEAD" else answer.body))
+        if self.transport is not None and not self.lost:  # `_write`, in place: every answer passes here
+            self.transport.write(self._head(answer, len(answer.body)) + (b"" if method == "HEAD" else answer.body))
         self.edge.gateway.metrics.observe(TRANSPORT, method, answer.status, time.monotonic() - started)
 
     async def _stream(self, head: bytes, stream: LinkResponse, legacy: bool) -> None:
@@ -413,7 +414,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def _head(self, answer: Answer, length: int | None) -> bytes:
         """The status line and headers; `length` None for a chunked body, -1 for one that ends at the close."""
-        lines = [_status_line(answer.status)]
+        lines = [_STATUS.get(answer.status) or _status_line(answer.status)]
         for name, value in answer.headers.items():
             if "\r" not in value and "\n" not in value:
                 lines.append(f"{name}: {value}\r\n")

@@ -143,7 +143,8 @@ class LinkResponse(Arrivals):
             self._conn.exchanges.pop(self._xid, None)
             if frame.body:
                 self._chunks.append(frame.body)
-            self._finish()
+            self._done = True  # `_finish`, in place: every answer ends here
+            self._wake()
             return
         if frame.body:
             self._add(frame.body)
