@@ -225,7 +225,8 @@ class StreamableHttpUpstream(_HttpUpstream):
         except orjson.JSONDecodeError:
             self._fail(message, "Upstream answered with a body that is not JSON")
             return
-        self._seen(answer)
+        if self.version is None:  # until the initialize answer names it
+            self._seen(answer)
         self._sink((answer, request_id))
 
     def _seen(self, answer: object) -> None:
