@@ -196,18 +196,6 @@ class EdgeConnection(asyncio.Protocol):
     # After a chunked body the parser reads on into whatever follows; that is never answered (the
     # connection closes), so the callbacks ignore it.
 
-    def on_headers_complete(self) -> None:
-        m = self.message
-        if m is None or m.complete:
-            return
-        parser = self.parser
-        m.method = parser.get_method().decode("latin-1")
-        m.keep_alive = parser.should_keep_alive()
-        m.legacy = parser.get_http_version() == "1.0"
-        m.chunked = "chunked" in (_get(m.headers, "transfer-encoding") or "").lower()
-        if (length := _get(m.headers, "content-length")) is not None:
-            m.length = int(length)  # llhttp has checked it is digits, and not repeated differently
-
     def on_body(self, body: bytes) -> None:
         m = self.message
         if m is None or m.complete:
@@ -267,6 +255,19 @@ class EdgeConnection(asyncio.Protocol):
             buf[:0] = head
             self._hand_off()
             return False
+        # llhttp has judged the head: what it says of the method, version and framing is read from
+        # the request line and the fields here, not asked of the parser in a callback.
+        headers = m.headers
+        m.method = parts[0].decode("latin-1")
+        m.legacy = parts[2] == b"HTTP/1.0"
+        if (connection := _get(headers, "connection")) is None:
+            m.keep_alive = not m.legacy
+        else:
+            tokens = [token.strip() for token in connection.lower().split(",")]
+            m.keep_alive = "keep-alive" in tokens if m.legacy else "close" not in tokens
+        m.chunked = "chunked" in (_get(headers, "transfer-encoding") or "").lower()
+        if (length := _get(headers, "content-length")) is not None:
+            m.length = int(length)  # llhttp has checked it is digits, and not repeated
         limit = self.edge.gateway.config.max_body_bytes
         if m.refusal is not None:
             self._refuse(m.refusal)

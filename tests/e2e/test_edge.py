@@ -99,6 +99,24 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(tether
         assert "connection" not in headers
 
 
+async def test_a_connection_is_kept_alive_as_its_client_asks(tether: TetherUp, sid: str) -> None:
+    async with wire(tether) as w:  # HTTP/1.1 asking to close: answered, then closed
+        w.send(post(sid, call_tool(1, "increment"), extra="Connection: close\r\n"))
+        status, headers, _ = await w.answer()
+        assert (status, headers.get("connection")) == (200, "close")
+        assert await w.closed()
+    async with wire(tether) as w:  # HTTP/1.0 asking to stay (any letter case, among other tokens)
+        for i in (2, 3):
+            w.send(post(sid, call_tool(i, "increment"), version="1.0", extra="Connection: TE, Keep-Alive\r\n"))
+            status, headers, body = await w.answer()
+            assert (status, result_text(body), headers.get("connection")) == (200, str(i), None)
+    async with wire(tether) as w:  # HTTP/1.0 that says nothing: closed after the answer
+        w.send(post(sid, call_tool(4, "increment"), version="1.0"))
+        status, headers, _ = await w.answer()
+        assert (status, headers.get("connection")) == (200, "close")
+        assert await w.closed()
+
+
 async def test_a_long_pipeline_of_refusals_is_answered_in_order(tether: TetherUp, sid: str) -> None:
     # Refusals are answered as they are read, with no task; 1,500 of them in one write (past Python's
     # default recursion limit, were each answer to read the next) come back in order, and the
