@@ -133,7 +133,7 @@ class EdgeConnection(asyncio.Protocol):
     usual POST when its node's answer comes (`_Forwarded`), anything else in a task it owns."""
 
     __slots__ = ("edge", "limit", "parser", "buffer", "transport", "remote", "message", "remaining", "task",
-                 "loop", "timer", "due", "then", "drained", "keep_alive", "dropping", "reading", "lost")
+                 "loop", "timer", "due", "then", "drained", "keep_alive", "legacy", "dropping", "reading", "lost")
 
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -151,6 +151,7 @@ class EdgeConnection(asyncio.Protocol):
         self.then: Callable[[], None] | None = None  # what happens then
         self.drained: asyncio.Future[None] | None = None  # set while the client's socket is full
         self.keep_alive = True
+        self.legacy = False  # the request being answered is HTTP/1.0: keeping its connection is said
         self.dropping = False  # refused: what the client still sends is read and dropped
         self.reading = True
         self.lost = False
@@ -339,6 +340,7 @@ class EdgeConnection(asyncio.Protocol):
         self.message = None
         # After a chunked body the parser may have read into the next request: the connection ends.
         self.keep_alive = m.keep_alive and not m.chunked and not self.edge.closing
+        self.legacy = m.legacy
         request = EdgeRequest(m.method, m.url.decode("latin-1"), m.headers, self.remote,
                               _get(m.headers, "host") or self.edge.host)
         body = m.body[0] if len(m.body) == 1 else b"".join(m.body)
@@ -424,7 +426,9 @@ class EdgeConnection(asyncio.Protocol):
         elif length >= 0:
             lines.append(f"Content-Length: {length}\r\n")
         lines.append(f"Date: {_date()}\r\n")
-        lines.append("\r\n" if self.keep_alive else "Connection: close\r\n\r\n")
+        # HTTP/1.0 closes unless the answer says otherwise (RFC 9112 9.3, and 1.0's own Keep-Alive).
+        lines.append(("Connection: keep-alive\r\n\r\n" if self.legacy else "\r\n") if self.keep_alive
+                     else "Connection: close\r\n\r\n")
         return "".join(lines).encode("latin-1", "replace")
 
     def _next(self) -> None:
