@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +213,42 @@ async def test_logging_and_resource_updates_reach_their_streams(everything: Teth
                 if any(m.get("method") == "notifications/resources/updated" for m in updates):
                     break
     assert {"method": "notifications/resources/updated", "params": {"uri": uri}, "jsonrpc": "2.0"} in updates
+
+
+async def test_a_client_that_stops_reading_its_stream_is_cut_off(tmp_path: Path,
+                                                                 http: aiohttp.ClientSession) -> None:
+    """A client that holds a stream open but reads none of it is cut off `client_write_timeout` after
+    its socket fills, and its stream freed; it does not hold the gateway's buffers for ever."""
+    up = start_tether(tmp_path, "--upstream-command", f"{sys.executable} -m tether_demo.light",
+                      "--client-write-timeout", "1")
+    raw = RawClient(http, up.mcp_url)
+    try:
+        sid = await raw.initialize()
+        host, port = up.base_url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once: the gateway waits
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, (
+                f"GET /mcp HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nMcp-Session-Id: {sid}\r\n\r\n"
+            ).encode())
+            await wait_until(lambda: _streams_open(http, up, 1), timeout=10, what="the stream to open")
+            for _ in range(20):  # 20 tickers of 1,000 numbered notifications a second each, for the stream
+                assert (await raw.call(sid, call_tool(7, "tick", {"interval": 0.001, "count": 100_000})))["result"]
+            # The stream's client reads nothing: once its socket and the gateway's are full, the
+            # gateway waits client_write_timeout, then cuts it.
+            await wait_until(lambda: _streams_open(http, up, 0), timeout=60, what="the stalled stream to be cut")
+        finally:
+            sock.close()
+        assert (await raw.call(sid, LIST))["result"]["tools"]  # the session itself goes on
+    finally:
+        assert up.stop() == 0
+
+
+async def _streams_open(http: aiohttp.ClientSession, up: TetherUp, count: int) -> bool:
+    async with http.get(up.base_url + "/metrics") as resp:
+        text = await resp.text()
+    gauge = 'tether_gateway_streams_open{transport="streamable_http"}'
+    lines = [line for line in text.splitlines() if line.startswith(gauge)]
+    return (float(lines[0].split()[-1]) if lines else 0.0) == count
