@@ -376,21 +376,26 @@ class Gateway:
         except TetherError as exc:
             log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
 
-    async def pipe(self, resp: LinkResponse, out: StreamSink, transport: str) -> None:
+    async def pipe(self, resp: LinkResponse, out: StreamSink, transport: str, *, bounded: bool = False) -> None:
         """Copy a node's SSE stream to the client as it arrives, until either side goes, with a
         keep-alive comment after each `keepalive_interval` of silence: the gateway pings its own
         clients, so an idle stream wakes no node. A client that stops reading for
-        `client_write_timeout` is cut off; what it missed waits in the event log."""
+        `client_write_timeout` is cut off; what it missed waits in the event log. A `bounded` sink
+        (the edge's) keeps that bound itself, only while it waits; any other's writes are each timed."""
         gauge = self.metrics.streams_open.labels(transport)
         gauge.inc()
         write_timeout = self.config.client_write_timeout
         try:
             async for chunk in resp.chunks(idle=self.config.keepalive_interval):
-                async with asyncio.timeout(write_timeout):
-                    if resp.at_eof:  # the last chunk: send it with the end of the body, in one write
-                        await out.write_eof(chunk)
-                        return
-                    await out.write(chunk or PING)
+                last = resp.at_eof  # the last chunk: sent with the end of the body, in one write
+                write = out.write_eof(chunk) if last else out.write(chunk or PING)
+                if bounded:
+                    await write
+                else:
+                    async with asyncio.timeout(write_timeout):
+                        await write
+                if last:
+                    return
         except (ConnectionError, TimeoutError, LinkLost):
             pass  # one side went away or stalled; closing the link response tells the node
         finally:

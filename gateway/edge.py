@@ -406,7 +406,7 @@ class EdgeConnection(asyncio.Protocol):
         out = EdgeStream(self, chunked=not legacy)
         try:
             self._write(head)
-            await self.edge.gateway.pipe(stream, out, TRANSPORT)
+            await self.edge.gateway.pipe(stream, out, TRANSPORT, bounded=True)
         finally:
             stream.close()
         if not out.ended and not self.lost:
@@ -535,9 +535,12 @@ class EdgeConnection(asyncio.Protocol):
         return task if task is None or isinstance(task, asyncio.Task) else task.ended()
 
     async def drain(self) -> None:
-        """Wait while the client's socket is full. Raises ConnectionResetError once the client has gone."""
+        """Wait while the client's socket is full, at most `client_write_timeout` (then TimeoutError: the
+        client stopped reading, and `drained` stays unset to say so). Raises ConnectionResetError once
+        the client has gone. A write that finds room waits for nothing and arms no timer."""
         if self.drained is not None and not self.drained.done():
-            await self.drained
+            async with asyncio.timeout(self.edge.gateway.config.client_write_timeout):
+                await asyncio.shield(self.drained)
         if self.lost:
             raise ConnectionResetError("the client closed the connection")
 
