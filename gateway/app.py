@@ -168,14 +168,16 @@ class Gateway:
 
     async def admit(self, request: ClientRequest) -> Principal:
         """`admit_now`, waiting for a JWT's verification when it needs one."""
-        principal = self.admit_now(request)
-        if principal is None:
-            try:
-                principal = await self.auth.identify(request.headers, request.remote, _base(request))
-            except TetherError:
-                self._unidentified(request)
-                raise
-            self._limit(principal.quota_key)
+        return self.admit_now(request) or await self.admit_jwt(request)
+
+    async def admit_jwt(self, request: ClientRequest) -> Principal:
+        """The rest of `admit` for a request `admit_now` left None: verify its JWT, then count it."""
+        try:
+            principal = await self.auth.verify(request.headers, _base(request))
+        except TetherError:
+            self._unidentified(request)
+            raise
+        self._limit(principal.quota_key)
         return principal
 
     def _unidentified(self, request: ClientRequest) -> None:

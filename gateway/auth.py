@@ -135,7 +135,7 @@ class Authenticator:
 
     def identify_now(self, headers: Mapping[str, str], remote: str | None, base_url: str) -> Principal | None:
         """The principal a request speaks for, when finding it needs no wait; None for a JWT, which
-        `identify` verifies (its issuer's keys may need fetching). Raises `Unauthorized` (401 with a
+        `verify` checks (its issuer's keys may need fetching). Raises `Unauthorized` (401 with a
         challenge)."""
         if not self.methods:
             return anonymous(remote)
@@ -152,12 +152,9 @@ class Authenticator:
         raise Unauthorized("Unauthorized: the token is not valid",
                            challenge=self.challenge(base_url, "the token is not valid"))
 
-    async def identify(self, headers: Mapping[str, str], remote: str | None, base_url: str) -> Principal:
-        """The principal a request speaks for. Raises `Unauthorized` (401 with a challenge)."""
-        principal = self.identify_now(headers, remote, base_url)
-        if principal is None:
-            principal = _named(f"jwt:{await self._verify_jwt(_token(headers) or '', base_url)}")
-        return principal
+    async def verify(self, headers: Mapping[str, str], base_url: str) -> Principal:
+        """The principal of a request whose JWT `identify_now` left to verify. Raises `Unauthorized`."""
+        return _named(f"jwt:{await self._verify_jwt(_token(headers) or '', base_url)}")
 
     # -- tokens ------------------------------------------------------------------
 

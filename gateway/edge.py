@@ -151,7 +151,7 @@ class EdgeConnection(asyncio.Protocol):
         self.then: Callable[[], None] | None = None  # what happens then
         self.drained: asyncio.Future[None] | None = None  # set while the client's socket is full
         self.keep_alive = True
-        self.legacy = False  # the request being answered is HTTP/1.0: keeping its connection is said
+        self.legacy = False  # the request being answered is HTTP/1.0 (its stream is not chunked, its keep-alive said)
         self.dropping = False  # refused: what the client still sends is read and dropped
         self.reading = True
         self.lost = False
@@ -361,16 +361,15 @@ class EdgeConnection(asyncio.Protocol):
             self._respond(now, m.method, started)
             self._ready_for_next()  # the loop in `_advance` reads on
         elif now is not None:
-            self.task = _Forwarded(self, now, started, m.legacy)
+            self.task = _Forwarded(self, now, started)
         else:
             answering = (answer_mcp(gw, request, principal, body) if principal is not None
                          else _admit_and_answer(gw, request, body))
-            self.task = self.edge.tasks.spawn(self._answer(answering, m.method, m.legacy, started), "request")
+            self.task = self.edge.tasks.spawn(self._answer(answering, m.method, started), "request")
 
     # -- answering -------------------------------------------------------------------------
 
-    async def _answer(self, answering: Awaitable[Answer] | Answer, method: str, legacy: bool,
-                      started: float) -> None:
+    async def _answer(self, answering: Awaitable[Answer] | Answer, method: str, started: float) -> None:
         sent = False
         try:
             # each layer of coroutines here is entered again when the answer wakes the request
@@ -380,11 +379,11 @@ class EdgeConnection(asyncio.Protocol):
             if answer.stream is None:
                 self._respond(answer, method, started)
             else:
-                if legacy:
+                if self.legacy:
                     self.keep_alive = False
-                status, stream, head = answer.status, answer.stream, self._head(answer, -1 if legacy else None)
+                status, stream, head = answer.status, answer.stream, self._head(answer, -1 if self.legacy else None)
                 del answer
-                await self._stream(head, stream, legacy)
+                await self._stream(head, stream)
                 self.edge.gateway.metrics.observe(TRANSPORT, method, status, time.monotonic() - started)
         except Exception:
             log.exception("request.failed")
@@ -401,9 +400,9 @@ class EdgeConnection(asyncio.Protocol):
             self.transport.write(self._head(answer, len(answer.body)) + (b"" if method == "HEAD" else answer.body))
         self.edge.gateway.metrics.observe(TRANSPORT, method, answer.status, time.monotonic() - started)
 
-    async def _stream(self, head: bytes, stream: LinkResponse, legacy: bool) -> None:
+    async def _stream(self, head: bytes, stream: LinkResponse) -> None:
         """Pipe a node's SSE stream to the client, in chunks (to the close, for an HTTP/1.0 client)."""
-        out = EdgeStream(self, chunked=not legacy)
+        out = EdgeStream(self, chunked=not self.legacy)
         try:
             self._write(head)
             await self.edge.gateway.pipe(stream, out, TRANSPORT, bounded=True)
@@ -412,7 +411,7 @@ class EdgeConnection(asyncio.Protocol):
         if not out.ended and not self.lost:
             if self.drained is not None and not self.drained.done():
                 self.keep_alive = False  # a client that stopped reading is not written to again
-            elif not legacy:
+            elif not self.legacy:
                 self._write(_LAST_CHUNK)  # the node's side ended early: end the body, the client resumes
 
     def _head(self, answer: Answer, length: int | None) -> bytes:
@@ -579,10 +578,10 @@ class _Forwarded:
     first, and the client leaving `cancel`s it. A whole answer is written from there; a stream, or a
     whole answer still arriving, is handed to a task, as `_answer` serves any other request."""
 
-    __slots__ = ("conn", "sent", "started", "legacy", "timer", "waiter")
+    __slots__ = ("conn", "sent", "started", "timer", "waiter")
 
-    def __init__(self, conn: EdgeConnection, sent: Sent, started: float, legacy: bool) -> None:
-        self.conn, self.sent, self.started, self.legacy = conn, sent, started, legacy
+    def __init__(self, conn: EdgeConnection, sent: Sent, started: float) -> None:
+        self.conn, self.sent, self.started = conn, sent, started
         self.waiter: asyncio.Future[None] | None = None  # for `Edge.close`, made when it asks
         sent.resp.listener = self._answer
         assert conn.loop is not None and sent.read_timeout is not None  # a POST's wait is always bounded
@@ -612,8 +611,7 @@ class _Forwarded:
             answer = answered(conn.edge.gateway, self.sent, late=late)
             if answer is None or answer.stream is not None:  # a whole answer still arriving, or a stream
                 answering = answer or conn.edge.gateway.relay(resp, {})
-                conn.task = task = conn.edge.tasks.spawn(conn._answer(answering, "POST", self.legacy, self.started),
-                                                         "request")
+                conn.task = task = conn.edge.tasks.spawn(conn._answer(answering, "POST", self.started), "request")
                 task.add_done_callback(lambda _: resp.close())  # a task cancelled before it ran closes nothing
                 return
             conn._respond(answer, "POST", self.started)
@@ -670,9 +668,9 @@ def _failed() -> Answer:
 
 
 async def _admit_and_answer(gw: Gateway, request: EdgeRequest, body: bytes) -> Answer:
-    """`answer_mcp` for a request whose admission had to wait (a JWT to verify)."""
+    """`answer_mcp` for a request whose admission had to wait (a JWT to verify): the rest of it."""
     try:
-        principal = await gw.admit(request)
+        principal = await gw.admit_jwt(request)
     except TetherError as exc:
         return Answer.error(exc)
     return await answer_mcp(gw, request, principal, body)
