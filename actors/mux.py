@@ -26,15 +26,21 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 from actors.internal import INTERNAL_PREFIX
 
-LINK_PATH = INTERNAL_PREFIX + "link"  # internal: it needs the secret
-UPGRADE = "tether-link/1"  # the protocol the link's HTTP/1.1 upgrade switches to
-REQUEST, RESPONSE, DATA, CANCEL, PING, PONG = 1, 2, 3, 4, 5, 6
+LINK_PATH: Final[str] = INTERNAL_PREFIX + "link"  # internal: it needs the secret
+UPGRADE: Final = "tether-link/1"  # the protocol the link's HTTP/1.1 upgrade switches to
+# Final, one a line: a compiled module reads them as constants (see setup.py)
+REQUEST: Final = 1
+RESPONSE: Final = 2
+DATA: Final = 3
+CANCEL: Final = 4
+PING: Final = 5
+PONG: Final = 6
 FIN = 0x80
 _KINDS = frozenset({REQUEST, RESPONSE, DATA, CANCEL, PING, PONG})
 _PREFIX = struct.Struct("!BIII")

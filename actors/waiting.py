@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Generic, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 T = TypeVar("T")
 COMPACT_AFTER = 32  # items taken from an inbox that is never empty before the list sheds them
 
@@ -86,9 +88,14 @@ class Broadcast:
             if timer is not None:
                 timer.cancel()
             if not notified:  # left early, or timed out: it must not be kept until the next notify
-                waiters = self._waiters
-                if waiters is not None and waiter in waiters:
-                    waiters.remove(waiter)
+                self._leave(waiter)
+
+    def _leave(self, waiter: asyncio.Future[bool]) -> None:
+        # Not in `wait`: there mypy keeps `_waiters` narrowed to a list across the await, though a
+        # `notify` may have emptied it, and the compiled module checks what it reads against that.
+        waiters = self._waiters
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, None
@@ -122,6 +129,7 @@ class Latch:
         await asyncio.shield(self._waiter)  # shared by every waiter: one leaving must not cancel it
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the node's and the gateway's answers build on it
 class Arrivals:
     """The body of one answer as its connection hands it over, for one reader: the pieces that came
     and have not been taken, whether the last has come, and what broke it. The connection calls

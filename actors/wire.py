@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import TypeVar, cast
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from actors import mux
 from actors.internal import SECRET_HEADER, authorized
@@ -39,6 +40,7 @@ _PONG = mux.encode(mux.PONG, 0)
 W = TypeVar("W", bound="Wire")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # each side's link builds on it
 class Wire(asyncio.Protocol):
     """Frames in and out of one link connection, once its upgrade is done. Subclasses take the frames
     (`frame_received`) and learn of the end (`link_lost`)."""
@@ -196,6 +198,7 @@ _SWITCHED = (f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrad
 _LINK_LINE = f"GET {mux.LINK_PATH} ".encode()
 
 
+@mypyc_attr(native_class=False)  # compiled classes cannot extend ConnectionError
 class LinkRefused(ConnectionError):
     """The node answered the upgrade with something other than 101."""
 
@@ -276,11 +279,11 @@ async def connect(make: Callable[[], W], host: str, port: int, secret: str, time
 
 
 class Upgrades(asyncio.Protocol):
-    """A node's connections: an upgrade to the link, with the secret, becomes a `Wire`; anything else is
-    handed to aiohttp's server (`fallback`) with its bytes unread. Only a connection's first request
+    """A node's connections: an upgrade to the link, with the secret, is handed to `make`'s protocol (a
+    `Wire`); anything else to aiohttp's server (`fallback`) with its bytes unread. Only a connection's first request
     is looked at, and only its request line until it is plainly not the link's."""
 
-    def __init__(self, secret: str, make: Callable[[], Wire], fallback: Callable[[], asyncio.Protocol],
+    def __init__(self, secret: str, make: Callable[[], asyncio.Protocol], fallback: Callable[[], asyncio.Protocol],
                  head_timeout: float) -> None:
         self._secret = secret
         self._make = make

@@ -55,6 +55,7 @@ BACKLOG_BYTES = 64 * 1024  # bytes of later (pipelined) requests read ahead whil
 _MCP = MCP_PATH.encode()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+_ANSWERED = Answer(0, {})  # what `_answer` holds once it has its answer (a compiled coroutine cannot `del` an argument)
 
 
 class Headers(dict[str, str]):
@@ -374,7 +375,7 @@ class EdgeConnection(asyncio.Protocol):
         try:
             # each layer of coroutines here is entered again when the answer wakes the request
             answer = answering if isinstance(answering, Answer) else await answering
-            del answering  # a stream may go on for hours: it keeps only what it needs
+            answering = _ANSWERED  # a stream may go on for hours: it keeps only what it needs
             sent = True
             if answer.stream is None:
                 self._respond(answer, method, started)

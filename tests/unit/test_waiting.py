@@ -84,6 +84,19 @@ async def test_a_broadcast_wait_that_times_out_says_so_and_is_forgotten(tasks: T
     assert await asyncio.wait_for(staying, 1) is True
 
 
+async def test_a_broadcast_waiter_cancelled_after_the_notify_that_woke_it_just_leaves(tasks: TaskSet) -> None:
+    # The notify has emptied the waiters when the cancellation lands: the waiter finds none to leave.
+    # (The compiled module once checked that list against a type mypy had narrowed across the await.)
+    changes = Broadcast()
+    woken = tasks.spawn(changes.wait(), "waiter")
+    await asyncio.sleep(0)
+    changes.notify()
+    woken.cancel()
+    done, _ = await asyncio.wait([woken], timeout=1)
+    assert done and woken.cancelled()  # a CancelledError, not a TypeError
+    assert changes._waiters is None
+
+
 async def test_a_latch_stays_set_and_one_waiter_leaving_does_not_cancel_the_others(tasks: TaskSet) -> None:
     latch = Latch()
     staying = tasks.spawn(latch.wait(), "waiter")
