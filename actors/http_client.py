@@ -55,15 +55,6 @@ def _split(url: str) -> _Target:
     return _Target(parts.scheme, parts.hostname, port, target, parts.netloc.rpartition("@")[2])
 
 
-class Prepared(NamedTuple):
-    """A request's head made once, to send many times: the pool it goes to, and its bytes up to the
-    Content-Length (an upstream session's POSTs differ only in their bodies)."""
-
-    pool: _Pool
-    head: bytes
-    length: bool  # it carries a Content-Length, even for an empty body
-
-
 class Response(Arrivals):
     """One answer: status and headers at once, the body as it arrives. Leaving `async with` (or
     `release`) gives the connection back once the body has ended, and closes it otherwise.
@@ -89,17 +80,9 @@ class Response(Arrivals):
     def content_type(self) -> str:
         return self.headers.get("content-type", "").partition(";")[0].strip().lower()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body as it comes. Raises `HttpClientError`, or `TimeoutError` after `read_timeout` of silence."""
-        while True:
-            if self._chunks:
-                chunk = self.take()
-                self._conn.resume()
-                yield chunk
-            elif self._done:
-                return
-            elif not await self._wait(self._read_timeout):
-                raise TimeoutError
+        return _Chunks(self)
 
     async def read(self, limit: int | None = None) -> bytes:
         """The body, or its first `limit` bytes (the rest is not waited for)."""
@@ -132,6 +115,31 @@ class Response(Arrivals):
         else:
             self.listener(self)
 
+
+
+class _Chunks:
+    """`Response.chunks`: an iterator, where an async generator would do, because mypyc compiles no
+    async generators (setup.py)."""
+
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: Response) -> None:
+        self._resp = resp
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        resp = self._resp
+        while True:
+            if resp._chunks:
+                chunk = resp.take()
+                resp._conn.resume()
+                return chunk
+            if resp._done:
+                raise StopAsyncIteration
+            if not await resp._wait(resp._read_timeout):
+                raise TimeoutError
 
 class _Connection(asyncio.Protocol):
     """One connection, one exchange at a time; the parser's callbacks fill the current response."""
@@ -320,6 +328,15 @@ class _Pool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+class Prepared(NamedTuple):
+    """A request's head made once, to send many times: the pool it goes to, and its bytes up to the
+    Content-Length (an upstream session's POSTs differ only in their bodies)."""
+
+    pool: _Pool
+    head: bytes
+    length: bool  # it carries a Content-Length, even for an empty body
 
 
 class HttpClient:

@@ -2,7 +2,7 @@
 
 It creates actors when a gateway places a new session here, serves their
 requests and streams over the internal link, heartbeats its membership, and
-reaps idle sessions. `serve_node` runs one until its context ends.
+reaps idle sessions. `actors.server.serve_node` runs one until its context ends.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ creates a session (with the create header) or delivers client messages,
 answered as JSON, as an SSE stream, or (for a channel client: WebSocket or
 HTTP+SSE) with 202 and the answers on the channel; GET opens the session's
 stream, or resumes the stream a `Last-Event-ID` names; DELETE ends it.
-`serve_node` runs a node with this API until its context ends.
+`actors.server.serve_node` runs a node with this API until its context ends.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from actors import mux
 from actors.events import EventId, StreamLog
-from actors.http import bind_socket, error_parts, health_routes, internal_only, tether_errors
+from actors.http import error_parts, health_routes, internal_only, tether_errors
 from actors.internal import (
     BATCH_HEADER,
     CREATE_HEADER,
@@ -51,10 +51,8 @@ from actors.node import Declined, Node
 from actors.session import AUTO, CHANNEL, JSON, MODES, SSE, SessionActor
 from actors.sse import HEADERS as SSE_HEADERS
 from actors.sse import PING, event, priming
-from actors.store.base import Store
 from actors.wheel import Deadlines
-from actors.wire import Upgrades, Wire
-from tether.config import Config
+from actors.wire import Wire
 from tether.errors import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -527,40 +525,3 @@ def build_node_app(node: Node) -> web.Application:
     app[NODE_KEY] = node
     app.add_routes(health_routes(node.metrics.registry, node.ready))
     return app
-
-
-@contextlib.asynccontextmanager
-async def serve_node(config: Config, store: Store, argv: list[str],
-                     node_id: str | None = None) -> AsyncIterator[Node]:
-    """Run a node on `config.host:config.port` (0: any free port) until the context ends."""
-    sock = bind_socket(config.host, config.port)
-    port = sock.getsockname()[1]
-    node_id = node_id or config.node_id or f"node-{config.host}-{port}"
-    node = Node(config, store, node_id, argv)
-    node.url = config.advertise or f"http://{_url_host(config.host)}:{port}"
-    # handler_cancellation: when the gateway drops a link request (its client left), the handler's
-    # cleanup runs at once: the request is abandoned upstream, the GET stream slot freed.
-    runner = web.AppRunner(build_node_app(node), access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0, handler_cancellation=True)
-    await runner.setup()
-    assert runner.server is not None  # set up above
-    links: set[NodeWire] = set()
-    fallback = runner.server
-    server = await asyncio.get_running_loop().create_server(
-        lambda: Upgrades(config.internal_secret, lambda: NodeWire(node, links), fallback,
-                         config.client_header_timeout), sock=sock)
-    node.start_loops()
-    log.info("node.started", extra={"node": node.node_id, "url": node.url})
-    try:
-        yield node
-    finally:
-        await node.shutdown()
-        server.close()
-        for link in list(links):
-            link.close()
-        await runner.cleanup()
-        log.info("node.stopped", extra={"node": node.node_id})
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

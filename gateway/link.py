@@ -78,35 +78,16 @@ class LinkResponse(Arrivals):
         """True once the whole answer has arrived and been read."""
         return self._done and not self._chunks
 
-    async def chunks(self, idle: float | None = None) -> AsyncIterator[bytes]:
+    def chunks(self, idle: float | None = None) -> AsyncIterator[bytes]:
         """The body as it comes: whatever has arrived since the last piece, joined. With `idle`, an empty
         piece after each `idle` seconds of silence: time for a keep-alive. Raises `LinkLost`, or
         `TimeoutError` when the node sends nothing for `read_timeout`."""
-        loop = asyncio.get_running_loop()
-        silent_until: float | None = None  # when the node's silence becomes a timeout
-        while True:
-            if self._chunks:
-                silent_until = None
-                yield self.take()
-            elif self._done:
-                return
-            else:
-                if silent_until is None and self._read_timeout is not None:
-                    silent_until = loop.time() + self._read_timeout
-                left = None if silent_until is None else silent_until - loop.time()
-                if idle is not None and (left is None or idle < left):
-                    # Due on a grid of IDLE_SLOTS steps an interval: the pings of every stream that
-                    # falls due in the same step go out on one wake-up of the loop, not one each.
-                    now, step = loop.time(), idle / IDLE_SLOTS
-                    if not await self._wait(math.ceil((now + idle) / step) * step - now):
-                        yield b""
-                elif not await self._wait(left):
-                    raise TimeoutError
+        return _Chunks(self, idle)
 
     async def read(self) -> bytes:
         if self._done:  # the usual answer: whole, in the frame that brought its head
             return self.take()
-        return b"".join([chunk async for chunk in self.chunks()])
+        return b"".join([chunk async for chunk in _Chunks(self, None)])
 
     def close(self) -> None:
         """Done with this answer; if the node is still sending it, it is told to stop."""
@@ -151,6 +132,42 @@ class LinkResponse(Arrivals):
         else:
             self._wake()  # a head without a body yet
 
+
+
+class _Chunks:
+    """`LinkResponse.chunks`: an iterator, where an async generator would do, because mypyc compiles
+    no async generators (setup.py)."""
+
+    __slots__ = ("_resp", "_idle", "_loop", "_silent_until")
+
+    def __init__(self, resp: LinkResponse, idle: float | None) -> None:
+        self._resp = resp
+        self._idle = idle
+        self._loop = resp._conn.loop or asyncio.get_running_loop()
+        self._silent_until: float | None = None  # when the node's silence becomes a timeout
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        resp, idle, loop = self._resp, self._idle, self._loop
+        while True:
+            if resp._chunks:
+                self._silent_until = None
+                return resp.take()
+            if resp._done:
+                raise StopAsyncIteration
+            if self._silent_until is None and resp._read_timeout is not None:
+                self._silent_until = loop.time() + resp._read_timeout
+            left = None if self._silent_until is None else self._silent_until - loop.time()
+            if idle is not None and (left is None or idle < left):
+                # Due on a grid of IDLE_SLOTS steps an interval: the pings of every stream that
+                # falls due in the same step go out on one wake-up of the loop, not one each.
+                now, step = loop.time(), idle / IDLE_SLOTS
+                if not await resp._wait(math.ceil((now + idle) / step) * step - now):
+                    return b""
+            elif not await resp._wait(left):
+                raise TimeoutError
 
 class _Connection(Wire):
     """One link connection to a node and the exchanges running on it. Each frame is handed to its

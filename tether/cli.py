@@ -221,7 +221,8 @@ def _need_secret(config: Config, what: str) -> None:
 
 
 async def _gateway(config: Config) -> int:
-    from gateway.app import MCP_PATH, serve_gateway
+    from gateway.app import MCP_PATH
+    from gateway.server import serve_gateway
 
     _need_secret(config, "gateway")
     store = open_store(config, for_node=False)
@@ -236,7 +237,7 @@ async def _gateway(config: Config) -> int:
 
 async def _node(config: Config) -> int:
     """Run a node. SIGTERM drains it (up to drain_timeout), as does POST /admin/drain; SIGINT stops it now."""
-    from actors.node_api import serve_node
+    from actors.server import serve_node
     from tether.tasks import TaskSet
 
     _need_secret(config, "node")

@@ -23,17 +23,21 @@ from types import ModuleType
 # The modules of a request's path, in the gateway and in the node (callgrind: `loadtest.instructions`).
 COMPILED = (
     "actors.events",
+    "actors.http_client",
     "actors.ids",
     "actors.lease",
     "actors.mcp",
     "actors.mux",
     "actors.node",
+    "actors.node_api",
     "actors.placement",
     "actors.upstream_http",
     "actors.waiting",
     "actors.wheel",
     "actors.wire",
+    "gateway.app",
     "gateway.edge",
+    "gateway.link",
     "gateway.metrics",
     "gateway.rules",
 )

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from actors.internal import STORE_PATH
 from actors.upstream import with_death_signal
-from gateway.app import MCP_PATH, Gateway, serve_gateway
+from gateway.app import MCP_PATH, Gateway
+from gateway.server import serve_gateway
 from tether.config import NODE, SETTINGS, Config
 from tether.errors import ConfigError
 

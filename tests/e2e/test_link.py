@@ -13,7 +13,7 @@ import pytest
 from actors.internal import CREATE_HEADER, RESPONSE_HEADER
 from actors.mcp import VERSION_HEADER
 from actors.node import Node
-from actors.node_api import serve_node
+from actors.server import serve_node
 from actors.session import SessionActor
 from actors.store.base import NodeRecord
 from actors.store.memory import MemoryStore
