@@ -30,7 +30,17 @@ def record(modules: tuple[str, ...]) -> None:
     (HERE / "tether" / "_native_build.py").write_text(text)
 
 
+def forget_dropped() -> None:
+    """Remove a checkout's compiled modules that are no longer compiled: each would load in place of
+    its source and look for its code in a group library that no longer has it."""
+    for package in ("actors", "gateway"):
+        for path in (HERE / package).glob("*.so"):
+            if f"{package}.{path.name.split('.', 1)[0]}" not in COMPILED:
+                path.unlink()
+
+
 def ext_modules() -> list:
+    forget_dropped()
     if os.environ.get(PURE_ENV) == "1":
         record(())
         return []
