@@ -81,13 +81,13 @@ def _stale() -> list[str]:
 
 
 def compiled() -> bool:
-    """Whether the request path runs compiled (for `tether version` and the logs)."""
+    """Whether the request path, once loaded, runs compiled."""
     return getattr(sys.modules.get("gateway.edge") or sys.modules.get("actors.mux"), "__file__", "").endswith(
         tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 def choose() -> None:
-    """Load the compiled modules from source if asked to, or if they are older than it."""
+    """Load the compiled modules from source if asked to, or if a source changed since its compile."""
     if any(isinstance(f, _Sources) for f in sys.meta_path):
         return
     if os.environ.get(PURE_ENV) == "1":
