@@ -9,7 +9,6 @@ whenever they have changed since they were compiled.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -19,12 +18,12 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tether.native import COMPILED, PURE_ENV, source  # noqa: E402  (plain stdlib module)
+from tether.native import COMPILED, PURE_ENV, digest, source  # noqa: E402  (plain stdlib module)
 
 
 def record(modules: tuple[str, ...]) -> None:
     """`tether/_native_build.py`: each compiled module's source hash, for `tether.native` to check."""
-    sources = {m: hashlib.sha256(source(m).read_bytes()).hexdigest() for m in modules}
+    sources = {m: digest(source(m)) for m in modules}
     text = "# Written by setup.py: the sources mypyc compiled, by SHA-256. Not in git.\n"
     text += f"SOURCES = {sources!r}\n"
     (HERE / "tether" / "_native_build.py").write_text(text)
