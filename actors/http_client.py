@@ -177,8 +177,8 @@ class _Connection(asyncio.Protocol):
             if resp is not None and resp.listener is not None:
                 try:
                     resp.listener(resp)
-                except Exception as exc:  # as from a parser callback: the answer cannot be had
-                    self._abort(HttpClientError(f"Cannot read the upstream's answer: {exc!r}"))
+                except Exception as failure:  # as from a parser callback: the answer cannot be had
+                    self._abort(HttpClientError(f"Cannot read the upstream's answer: {failure!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -307,9 +307,9 @@ class _Pool:
                                                        ssl=context)
         except (OSError, ssl.SSLError) as exc:
             raise HttpClientError(f"Cannot connect to {target.host}:{target.port}: {exc}") from exc
-        except TimeoutError as exc:
+        except TimeoutError as late:
             raise HttpClientError(f"Cannot connect to {target.host}:{target.port} within "
-                                  f"{self._connect_timeout:g}s") from exc
+                                  f"{self._connect_timeout:g}s") from late
         self._open.add(conn)
         return conn
 

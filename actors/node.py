@@ -299,8 +299,8 @@ class Node:
         try:
             async with asyncio.timeout(ttl / 2):  # a slow answer still counts while the lease lasts
                 known = await self.store.heartbeat(record, ttl)
-        except LeaseLost as exc:
-            await self.fence(exc.message)
+        except LeaseLost as lost:
+            await self.fence(lost.message)
             return
         except (StoreError, TimeoutError) as exc:
             self.metrics.lease_renewals.labels(self.node_id, "failed").inc()

@@ -253,8 +253,8 @@ class NodeLink:
         conn = await self._connection(node)
         try:
             resp = await conn.start(method, sid, headers or {}, body or b"", read_timeout)
-        except ConnectionError as exc:
-            raise unreachable(node, exc) from exc
+        except ConnectionError as lost:
+            raise unreachable(node, lost) from lost
         try:
             while resp.status == 0:  # the head (here, not in a method: one coroutine fewer to wake)
                 if not await resp._wait(read_timeout):
@@ -281,8 +281,8 @@ class NodeLink:
             return None
         try:
             return conn.begin(method, sid, headers, body, read_timeout)
-        except ConnectionError as exc:
-            raise unreachable(node, exc) from exc
+        except ConnectionError as lost:
+            raise unreachable(node, lost) from lost
 
     async def _connection(self, node: NodeRecord) -> _Connection:
         """A connection to `node` from its pool, opening one while the pool is short."""
@@ -307,9 +307,9 @@ class NodeLink:
         try:
             conn = await connect(lambda: _Connection(node, self._buffer_limit, lambda c: self._lost(c, pool)),
                                  url.hostname or "", url.port or 80, self._secret, self._connect_timeout)
-        except LinkRefused as exc:
-            return self._refused(node, f"refused the link ({exc}"
-                                       f"{': check internal_secret' if exc.status == 401 else ''})")
+        except LinkRefused as refusal:
+            return self._refused(node, f"refused the link ({refusal}"
+                                       f"{': check internal_secret' if refusal.status == 401 else ''})")
         except (OSError, TimeoutError) as exc:
             return self._refused(node, f"cannot be reached ({exc!r})")
         pool.append(conn)

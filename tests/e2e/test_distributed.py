@@ -147,11 +147,11 @@ async def test_a_killed_node_is_503_then_404_and_leaves_no_records(make_topology
     victim.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     async with asyncio.timeout(5):  # never a hang
-        status, headers, _ = await raw.post(LIST, sid=sid)
+        status, headers, body = await raw.post(LIST, sid=sid)
     if status == 503:
         assert int(headers["Retry-After"]) >= 1
     else:
-        assert status == 404
+        assert status == 404, body
 
     async def gone() -> bool:
         return (await raw.post(LIST, sid=sid))[0] == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.machinery
 import os
@@ -56,3 +57,22 @@ sys.modules["tether._native_build"] = changed
     assert all(file.endswith(".py") for file in files.values()), files  # all, not only actors.mux
     assert "native.stale: actors.mux changed since compiled" in stderr
     assert "pip install -e ." in stderr
+
+
+def test_no_compiled_function_binds_one_name_to_exceptions_of_different_types() -> None:
+    """mypyc gives a variable one type for the whole function: `except A as exc` then `except B as exc`
+    makes the second a TypeError when compiled, where Python binds either. The gateway answered 500
+    for a node that refused its link (`except LinkRefused as exc` before `except OSError as exc`)."""
+    found = []
+    for name in native.COMPILED:
+        path = native.source(name)
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            bound: dict[str, set[str]] = {}
+            for node in ast.walk(function):
+                if isinstance(node, ast.ExceptHandler) and node.name:
+                    bound.setdefault(node.name, set()).add(ast.unparse(node.type) if node.type else "BaseException")
+            found += [f"{path.name}:{function.lineno} {function.name}: {var} is {' and '.join(sorted(types))}"
+                      for var, types in bound.items() if len(types) > 1]
+    assert found == []
