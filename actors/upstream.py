@@ -23,7 +23,9 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -143,10 +145,93 @@ def with_death_signal(argv: Sequence[str], sig: str = "KILL") -> list[str]:
     return [_SETPRIV, f"--pdeathsig={sig}", "--", *argv]
 
 
+class Child:
+    """A server process with its pipes on the event loop: what `asyncio.create_subprocess_exec` gives,
+    started the way `subprocess` starts one. That is vfork and exec, which costs the same however
+    much memory the node holds; the event loop's own spawn (uvloop's) forks, copying the page tables
+    of a node that holds thousands of sessions on every start. Its exit is read from a pidfd on the
+    loop."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader,
+                 stderr: asyncio.StreamReader, pipes: list[asyncio.BaseTransport]) -> None:
+        self._popen = popen
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._pipes = pipes
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd = -1
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # no pidfds here (before Linux 5.3): a thread waits instead
+            threading.Thread(target=self._wait_in_thread, name=f"wait-{popen.pid}", daemon=True).start()
+        else:
+            self._loop.add_reader(self._pidfd, self._reap)
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, limit: int) -> Child:
+        """Start `argv` in a session of its own, its stdin, stdout and stderr piped. Raises `OSError`."""
+        # bufsize=0: the pipes' file objects get no 8 KB buffers each, as the loop does the reading
+        popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=env, cwd=cwd, start_new_session=True, bufsize=0)
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        loop = asyncio.get_running_loop()
+        try:
+            stdout, stderr = asyncio.StreamReader(limit), asyncio.StreamReader(limit)
+            out, _ = await loop.connect_read_pipe(lambda: _PipeReader(stdout), popen.stdout)
+            err, _ = await loop.connect_read_pipe(lambda: _PipeReader(stderr), popen.stderr)
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
+        except BaseException:  # never leave it running unwatched
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+        return cls(popen, asyncio.StreamWriter(transport, protocol, None, loop), stdout, stderr, [out, err, transport])
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def close(self) -> None:
+        """Close the pipes, once it has exited; a reader still waiting on one sees its end."""
+        for pipe in self._pipes:
+            pipe.close()
+
+    def _reap(self) -> None:
+        """The pidfd is readable: the process has exited. Reaped here, by `Popen`, which decodes its status."""
+        code = self._popen.poll()
+        if code is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._exited_with(code)
+
+    def _wait_in_thread(self) -> None:
+        code = self._popen.wait()
+        self._loop.call_soon_threadsafe(self._exited_with, code)
+
+    def _exited_with(self, code: int) -> None:
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+
+class _PipeReader(asyncio.StreamReaderProtocol):
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False  # close the pipe at its end: uvloop keeps a read pipe open after it otherwise
+
+
 class StdioUpstream:
     """Newline-delimited JSON-RPC over a child's stdin and stdout."""
 
-    def __init__(self, process: asyncio.subprocess.Process, workdir: str | None = None) -> None:
+    def __init__(self, process: Child, workdir: str | None = None) -> None:
         self._process = process
         self._workdir = workdir
         self._write_lock = asyncio.Lock()
@@ -164,10 +249,8 @@ class StdioUpstream:
                                 f"{exc.strerror or exc}") from exc
         prefix = limits.prefix()
         try:
-            process = await asyncio.create_subprocess_exec(
-                *with_death_signal([*prefix, *argv]), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env), cwd=workdir,
-                start_new_session=True, limit=max_message_bytes)
+            process = await Child.spawn(with_death_signal([*prefix, *argv]), env=dict(env), cwd=workdir,
+                                        limit=max_message_bytes)
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise UpstreamError(f"Cannot start upstream {argv[0]!r}: {exc.strerror or exc}") from exc
@@ -269,9 +352,10 @@ class StdioUpstream:
             log.warning("upstream.kill", extra={"pid": self.pid, "detail": f"no exit {grace}s after SIGTERM"})
         # The group may hold children the leader left behind; they go too.
         self._signal_group(signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
+        try:
             return await process.wait()
-        return process.returncode
+        finally:
+            process.close()
 
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
