@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -80,7 +81,7 @@ async def scale(options: Options, progress: bool = False) -> dict[str, Any]:
     from loadtest.cli import Progress, result_of
 
     workdir = Path(tempfile.mkdtemp(prefix="tether-scale-"))
-    topology = LocalTopology(workdir, ["--upstream-command", " ".join(LIGHT_STDIO)], {
+    topology = LocalTopology(workdir, ["--upstream-command", shlex.join(LIGHT_STDIO)], {
         "TETHER_HEARTBEAT_TTL": str(HEARTBEAT_TTL), "TETHER_MEMBERSHIP_REFRESH": "0.2",
         "TETHER_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT), "TETHER_KILL_GRACE": "1"})
     try:
