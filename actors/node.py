@@ -21,6 +21,7 @@ from actors.lease import NodeLease
 from actors.mcp import Message
 from actors.metrics import NodeMetrics
 from actors.session import JSON, ActorLimits, SessionActor
+from actors.starts import StartGate
 from actors.store.base import NodeRecord, OwnershipRecord, Quota, Store
 from actors.upstream import ProcessLimits, StdioUpstream, Upstream, scrubbed_env
 from actors.upstream_http import SseUpstream, StreamableHttpUpstream, transport_for
@@ -82,7 +83,7 @@ class Node:
         self._idle_creates = asyncio.Event()
         # Upstream processes starting at once (spawn to initialize answer): a burst of new sessions
         # must not take the CPU from the node's own lease renewal, or the node ends all it holds.
-        self._start_slots = asyncio.Semaphore(config.max_starting)
+        self._starts = StartGate(config.max_starting)
         self._idle_creates.set()
 
     def __repr__(self) -> str:
@@ -188,15 +189,20 @@ class Node:
             return await self._start(sid, record, initialize, principal)
         try:
             async with asyncio.timeout(self.config.upstream_start_timeout):
-                await self._start_slots.acquire()
+                await self._starts.acquire()
         except TimeoutError:
             await self.store.release(record)
             self.metrics.sessions_declined.inc()
-            raise Declined(f"Node {self.node_id} is busy starting {self.config.max_starting} upstreams") from None
+            raise Declined(f"Node {self.node_id} is busy starting {self._starts.starting} upstreams") from None
+        started = self.clock()
+        took: float | None = None  # how long a start that answered initialize took: what the gate learns from
         try:
-            return await self._start(sid, record, initialize, principal)
+            actor, answer = await self._start(sid, record, initialize, principal)
+            if actor is not None and answer is not None:
+                took = self.clock() - started
+            return actor, answer
         finally:
-            self._start_slots.release()
+            self._starts.release(took)
 
     async def _start(self, sid: str, record: OwnershipRecord, initialize: Message | None,
                      principal: str) -> tuple[SessionActor | None, Message | None]:

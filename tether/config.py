@@ -73,9 +73,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("kill_grace", float, "seconds between SIGTERM and SIGKILL when ending an upstream", ACTOR,
        minimum=0.0),
     _s("max_sessions", int, "sessions one node holds before it declines new ones", ACTOR, minimum=1),
-    _s("max_starting", int, "upstream processes a node starts at once (from spawn to the initialize answer); "
-       "more new sessions wait for a turn, up to upstream_start_timeout, then the node declines them", ACTOR,
-       minimum=1),
+    _s("max_starting", int, "most upstream processes a node starts at once (from spawn to the initialize "
+       "answer); it starts one at a time, more while starts keep the pace of the quickest recent one, fewer "
+       "when they slow down; more new sessions wait for a turn, up to upstream_start_timeout, then the node "
+       "declines them", ACTOR, minimum=1),
     _s("max_sessions_per_principal", int, "live sessions one principal (or, without auth, one client "
        "address) may hold across all nodes (else 429); 0: no limit", ACTOR, minimum=0),
     _s("upstream_max_memory", int, "address-space limit of each upstream process, in bytes; 0: none", ACTOR,
