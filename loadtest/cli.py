@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                      help="send this header on every request (repeatable)")
     run.add_argument("--token", help="send Authorization: Bearer TOKEN (also TETHER_LOADTEST_TOKEN)")
-    run.add_argument("--tick-interval", type=float, default=1.0, help="idle-streams, resume: seconds per event")
+    run.add_argument("--tick-interval", type=float, default=1.0,
+                     help="idle-streams, resume: seconds per event; past --duration, idle-streams sends none")
     run.add_argument("--ramp", type=float, default=0.0,
                      help="idle-streams, resume: seconds over which sessions start, evenly (0: all at once)")
     run.add_argument("--idle-timeout", type=float, default=0.0, help="churn: the target's idle timeout")

@@ -123,6 +123,15 @@ async def test_idle_streams_ramps_its_sessions_in(light_tether: TetherUp) -> Non
     assert result["seconds"] >= 1.5 + 0.5  # the last session starts 3/4 into the ramp, then runs its duration
 
 
+async def test_idle_streams_with_an_interval_past_the_duration_holds_silent_streams(light_tether: TetherUp) -> None:
+    result = await run_scenario("idle-streams", Options(light_tether.mcp_url, sessions=3, duration=1.0,
+                                                        tick_interval=1000.0))
+    assert result["errors"] == 0 and result["violations"] == 0, result["violation_examples"]
+    assert result["counters"].get("events_received", 0) == 0 and result["counters"]["events_expected"] == 0
+    assert result["sessions_peak"] == 3
+    assert 1.0 <= result["seconds"] < 1000  # held for the duration, not until an event 1,000 s away
+
+
 async def test_sessions_counts_each_new_session_once(light_tether: TetherUp) -> None:
     result = await run_scenario("sessions", Options(light_tether.mcp_url, sessions=4, duration=1))
     assert result["errors"] == 0 and result["violations"] == 0, result["violation_examples"]
