@@ -305,11 +305,11 @@ class _Pool:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(self), target.host, target.port,
                                                        ssl=context)
-        except (OSError, ssl.SSLError) as exc:
-            raise HttpClientError(f"Cannot connect to {target.host}:{target.port}: {exc}") from exc
-        except TimeoutError as late:
+        except TimeoutError as late:  # first: a TimeoutError is an OSError too
             raise HttpClientError(f"Cannot connect to {target.host}:{target.port} within "
                                   f"{self._connect_timeout:g}s") from late
+        except (OSError, ssl.SSLError) as exc:
+            raise HttpClientError(f"Cannot connect to {target.host}:{target.port}: {exc}") from exc
         self._open.add(conn)
         return conn
 

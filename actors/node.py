@@ -201,6 +201,9 @@ class Node:
             if actor is not None and answer is not None:
                 took = self.clock() - started
             return actor, answer
+        except UpstreamTimeout:  # the slowest start of all: it teaches the gate too
+            took = self.clock() - started
+            raise
         finally:
             self._starts.release(took)
 

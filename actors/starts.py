@@ -49,14 +49,16 @@ class StartGate:
             raise
 
     def release(self, took: float | None) -> None:
-        """A start ended after `took` seconds; None when it failed, which says nothing of the CPU."""
+        """A start ended after `took` seconds; None when it failed, which says nothing of the CPU. The
+        limit grows only while it is what holds starts back: quiet hours do not raise it to the most."""
+        full = self.starting >= self.limit or bool(self._waiting)
         self.starting -= 1
         if took is not None:
             self._recent.append(took)
             quickest = min(self._recent)
             if took > SLOWER * quickest:
                 self.limit = max(1, self.limit - 1)
-            elif took < STEADY * quickest:
+            elif took < STEADY * quickest and full:
                 self.limit = min(self.most, self.limit + 1)
         self._admit()
 

@@ -41,6 +41,7 @@ log = logging.getLogger("tether.node")
 ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME",
                  "SHELL", "TERM", "NODE_PATH", "NPM_CONFIG_CACHE", "npm_config_cache",
                  "VIRTUAL_ENV", "PYTHONPATH", "UV_CACHE_DIR", "XDG_CACHE_HOME")
+_pidfd_refused = False  # said once: every server's exit is then waited for by a thread
 _SETPRIV = shutil.which("setpriv")
 _PRLIMIT = shutil.which("prlimit")
 
@@ -164,7 +165,12 @@ class Child:
         self._pidfd = -1
         try:
             self._pidfd = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):  # no pidfds here (before Linux 5.3): a thread waits instead
+        except (AttributeError, OSError) as exc:  # no pidfds (before Linux 5.3, or a seccomp profile)
+            global _pidfd_refused
+            if not _pidfd_refused:
+                _pidfd_refused = True
+                log.warning("upstream.no_pidfd", extra={"detail": f"pidfd_open failed ({exc!r}): a thread "
+                                                                  "waits for each server's exit instead"})
             threading.Thread(target=self._wait_in_thread, name=f"wait-{popen.pid}", daemon=True).start()
         else:
             self._loop.add_reader(self._pidfd, self._reap)
@@ -177,17 +183,26 @@ class Child:
                                  env=env, cwd=cwd, start_new_session=True, bufsize=0)
         assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
         loop = asyncio.get_running_loop()
+        pipes: list[asyncio.BaseTransport] = []
         try:
             stdout, stderr = asyncio.StreamReader(limit), asyncio.StreamReader(limit)
             out, _ = await loop.connect_read_pipe(lambda: _PipeReader(stdout), popen.stdout)
+            pipes.append(out)
             err, _ = await loop.connect_read_pipe(lambda: _PipeReader(stderr), popen.stderr)
+            pipes.append(err)
             transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, popen.stdin)
-        except BaseException:  # never leave it running unwatched
+            pipes.append(transport)
+            return cls(popen, asyncio.StreamWriter(transport, protocol, None, loop), stdout, stderr, pipes)
+        except BaseException:  # never leave it running unwatched, nor its pipes open
+            for pipe in pipes:
+                pipe.close()  # a transport closes its pipe's file object with it
+            for file in (popen.stdin, popen.stdout, popen.stderr):
+                with contextlib.suppress(OSError):
+                    file.close()  # those no transport took yet
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(popen.pid, signal.SIGKILL)
             popen.wait()
             raise
-        return cls(popen, asyncio.StreamWriter(transport, protocol, None, loop), stdout, stderr, [out, err, transport])
 
     @property
     def pid(self) -> int:
@@ -254,6 +269,9 @@ class StdioUpstream:
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise UpstreamError(f"Cannot start upstream {argv[0]!r}: {exc.strerror or exc}") from exc
+        except BaseException:  # cancelled while its pipes were being set up
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         if not prefix:
             limits.apply_to(process.pid)
         return cls(process, workdir)

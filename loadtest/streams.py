@@ -124,7 +124,8 @@ async def one_session(run: Run, index: int, cut: bool, rng: random.Random,
         listeners.spawn(stream.listen(), "listen")
         async with asyncio.timeout(OPEN_TIMEOUT):
             await stream.opened.wait()
-        count = int(o.duration / o.tick_interval)  # 0 (an interval past the duration): a stream held idle
+        # idle-streams with an interval past the duration: 0, a stream held idle; resume needs one event
+        count = max(int(cut), int(o.duration / o.tick_interval))
         stream.ticking_since = run.now()
         if count:
             await stream.client.call("tick", {"interval": o.tick_interval, "count": count})

@@ -74,9 +74,9 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=0.0),
     _s("max_sessions", int, "sessions one node holds before it declines new ones", ACTOR, minimum=1),
     _s("max_starting", int, "most upstream processes a node starts at once (from spawn to the initialize "
-       "answer); it starts one at a time, more while starts keep the pace of the quickest recent one, fewer "
-       "when they slow down; more new sessions wait for a turn, up to upstream_start_timeout, then the node "
-       "declines them", ACTOR, minimum=1),
+       "answer); it starts one at a time, more while starts keep the pace of the quickest recent one and "
+       "others wait, fewer when they slow down; more new sessions wait for a turn, up to "
+       "upstream_start_timeout, then the node declines them", ACTOR, minimum=1),
     _s("max_sessions_per_principal", int, "live sessions one principal (or, without auth, one client "
        "address) may hold across all nodes (else 429); 0: no limit", ACTOR, minimum=0),
     _s("upstream_max_memory", int, "address-space limit of each upstream process, in bytes; 0: none", ACTOR,

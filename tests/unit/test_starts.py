@@ -10,20 +10,36 @@ import pytest
 from actors.starts import SLOWER, StartGate
 
 
+async def burst(gate: StartGate, took: float | None) -> None:
+    """As many starts as the gate lets in at once, each taking `took`."""
+    admitted = 0
+    while gate.starting < gate.limit:
+        await gate.acquire()
+        admitted += 1
+    for _ in range(admitted):
+        gate.release(took)
+
+
 async def test_starts_that_keep_their_pace_open_the_gate_up_to_the_most() -> None:
     gate = StartGate(most=4)
     assert gate.limit == 1
     for _ in range(10):
-        await gate.acquire()
-        gate.release(0.5)  # as quick as any: a start that waits on the network, say
+        await burst(gate, 0.5)  # as quick as any: starts that wait on the network, say
     assert gate.limit == 4
+
+
+async def test_starts_one_at_a_time_leave_it_where_it_is() -> None:
+    gate = StartGate(most=8)
+    for _ in range(10):
+        await gate.acquire()
+        gate.release(0.5)  # the first found the gate full; the rest did not
+    assert gate.limit == 2
 
 
 async def test_starts_that_slow_down_close_it_to_one_and_failures_teach_nothing() -> None:
     gate = StartGate(most=8)
     for _ in range(10):
-        await gate.acquire()
-        gate.release(0.1)
+        await burst(gate, 0.1)
     assert gate.limit == 8
     for expected in (7, 6, 5):
         await gate.acquire()
