@@ -294,7 +294,6 @@ class StdioUpstream:
     async def send(self, message: Mapping[str, Any]) -> None:
         """Write one message. Raises `UpstreamError` if the process no longer reads."""
         stdin = self._process.stdin
-        assert stdin is not None
         async with self._write_lock:
             try:
                 stdin.write(orjson.dumps(message) + b"\n")
@@ -305,7 +304,6 @@ class StdioUpstream:
     def send_now(self, message: Mapping[str, Any]) -> bool:
         """Write one message if the pipe takes it at once (it is not full, the process has not exited)."""
         stdin = self._process.stdin
-        assert stdin is not None
         transport = stdin.transport
         if self._write_lock.locked() or transport.is_closing() \
                 or transport.get_write_buffer_size() > 0:  # full, or filling: `send` waits for it to drain
@@ -319,7 +317,6 @@ class StdioUpstream:
     async def receive(self) -> Inbound | None:
         """The next JSON-RPC message, or None at end of output. Lines that are not JSON are logged."""
         stdout = self._process.stdout
-        assert stdout is not None
         while True:
             try:
                 line = await stdout.readline()
@@ -339,7 +336,6 @@ class StdioUpstream:
     async def background(self) -> None:
         """Forward the server's stderr to the node log, so the pipe never fills."""
         stderr = self._process.stderr
-        assert stderr is not None
         while True:
             try:
                 line = await stderr.readline()
@@ -359,9 +355,9 @@ class StdioUpstream:
             if self._workdir is not None:
                 await asyncio.to_thread(shutil.rmtree, self._workdir, True)
 
-    async def _stop(self, grace: float) -> int | None:
+    async def _stop(self, grace: float) -> int:
         process = self._process
-        if process.stdin is not None and not process.stdin.is_closing():
+        if not process.stdin.is_closing():
             process.stdin.close()
         self._signal_group(signal.SIGTERM)
         try:

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 
 from actors.upstream import Child
-from tests.support import process_exists
+from tests.support import process_exists, wait_until
 
 ECHO = ["sh", "-c", 'read line; echo "got $line"; echo "to stderr" >&2; read rest; exit 3']
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -22,14 +22,6 @@ LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyn
 
 def open_files() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(params=["pidfd", "thread"])
@@ -61,7 +53,10 @@ def test_a_child_talks_over_its_pipes_and_its_exit_code_is_reaped(loop: str, exi
         await once()  # the loop opens what it keeps for every child (uvloop: /dev/null) the first time
         files = open_files()
         await once()
-        await until(lambda: open_files() == files, "the pipes closed at their end, and the pidfd with the exit")
+        async def closed() -> bool:  # the kernel's file table: nothing signals it
+            return open_files() == files
+
+        await wait_until(closed, 5, "the pipes closed at their end, and the pidfd with the exit")
 
     LOOPS[loop](scenario())
 
