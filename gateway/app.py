@@ -376,20 +376,21 @@ class Gateway:
         except TetherError as exc:
             log.info("session.end_failed", extra={"sid": sid_tag(sid), "detail": exc.message})
 
-    async def pipe(self, resp: LinkResponse, out: StreamSink, transport: str, *, bounded: bool = False) -> None:
+    async def pipe(self, resp: LinkResponse, out: StreamSink, transport: str, *, edge: bool = False) -> None:
         """Copy a node's SSE stream to the client as it arrives, until either side goes, with a
         keep-alive comment after each `keepalive_interval` of silence: the gateway pings its own
         clients, so an idle stream wakes no node. A client that stops reading for
-        `client_write_timeout` is cut off; what it missed waits in the event log. A `bounded` sink
-        (the edge's) keeps that bound itself, only while it waits; any other's writes are each timed."""
+        `client_write_timeout` is cut off; what it missed waits in the event log. An `edge` sink
+        keeps that bound itself, only while it waits, and the edge's sweep pings it
+        (`gateway.keepalive`); any other's writes are each timed, and it is pinged from here."""
         gauge = self.metrics.streams_open.labels(transport)
         gauge.inc()
         write_timeout = self.config.client_write_timeout
         try:
-            async for chunk in resp.chunks(idle=self.config.keepalive_interval):
+            async for chunk in resp.chunks(idle=None if edge else self.config.keepalive_interval):
                 last = resp.at_eof  # the last chunk: sent with the end of the body, in one write
                 write = out.write_eof(chunk) if last else out.write(chunk or PING)
-                if bounded:
+                if edge:
                     await write
                 else:
                     async with asyncio.timeout(write_timeout):

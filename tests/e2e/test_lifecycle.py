@@ -94,6 +94,58 @@ async def test_open_stream_keeps_the_session_alive(idle_raw: RawClient) -> None:
     await wait_process_gone(pid, timeout=REAP_DEADLINE)  # with the stream gone, idle expiry resumes
 
 
+async def test_each_stream_is_pinged_only_after_an_interval_of_silence(idle_raw: RawClient) -> None:
+    # The edge pings its streams from one timing wheel, not a timer each: every open stream gets its
+    # keep-alives, one that carries messages is pinged only once it has been silent for the interval,
+    # and once the last stream has gone (the wheel's timer with it), the next one is pinged too.
+    loop = asyncio.get_running_loop()
+
+    async def silences(pings: int, busy: bool = False) -> tuple[list[float], int]:
+        """A new session's GET stream, held until `pings` keep-alives came: the silence before each, as
+        read here, and how many messages came. `busy`: after the first ping, messages are sent back to
+        back for three intervals (how many: in `sent`)."""
+        sid = await idle_raw.initialize()  # its stream opens at once, well within its idle timeout
+        gaps: list[float] = []
+        messages = 0
+        pinged = asyncio.Event()
+
+        async def read(stream: aiohttp.ClientResponse) -> None:
+            nonlocal messages
+            last = loop.time()
+            while len(gaps) < pings:
+                line = await stream.content.readline()
+                assert line, "the stream closed while its session was alive"
+                if line.startswith(b": ping"):
+                    gaps.append(loop.time() - last)
+                    pinged.set()
+                messages += line.startswith(b"data:")
+                if line.strip():
+                    last = loop.time()
+
+        async def send() -> None:
+            await pinged.wait()
+            until = loop.time() + 3 * KEEPALIVE
+            while busy and loop.time() < until:
+                sent.append(await idle_raw.call(sid, call_tool(20 + len(sent), "announce_change")))
+
+        headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
+        async with idle_raw.session.get(idle_raw.url, headers=headers) as stream:
+            assert stream.status == 200
+            async with asyncio.timeout(30):
+                await asyncio.gather(read(stream), send())
+        return gaps, messages
+
+    sent: list[dict[str, object]] = []
+    held = await asyncio.gather(*(silences(3, busy=i == 0) for i in range(4)))
+    for gaps, _ in held:
+        # Pinged after between half a wheel step less than the interval and a step more; read here,
+        # with some slack for the reading.
+        assert min(gaps) >= KEEPALIVE / 2, f"a ping came after only {min(gaps):.3f}s of silence"
+    assert held[0][1] == len(sent) > 3, "the announcements did not come on the stream"
+    again, _ = await silences(2)  # the wheel emptied when the streams closed
+    assert len(again) == 2
+
+
 async def test_server_messages_reach_the_stream_or_wait_in_the_log(idle_raw: RawClient) -> None:
     sid = await idle_raw.initialize()
     headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
