@@ -382,7 +382,7 @@ class Gateway:
         clients, so an idle stream wakes no node. A client that stops reading for
         `client_write_timeout` is cut off; what it missed waits in the event log. An `edge` sink
         keeps that bound itself, only while it waits, and the edge's sweep pings it
-        (`gateway.keepalive`); any other's writes are each timed, and it is pinged from here."""
+        (`Edge.keepalive`); any other's writes are each timed, and it is pinged from here."""
         gauge = self.metrics.streams_open.labels(transport)
         gauge.inc()
         write_timeout = self.config.client_write_timeout

@@ -557,20 +557,17 @@ class EdgeStream:
     """An answer's body written as it comes: what `Gateway.pipe` writes a stream to. Its keep-alive
     comments come from the edge (`Edge.keepalive`)."""
 
-    __slots__ = ("conn", "chunked", "ended", "sent_at")
+    __slots__ = ("conn", "chunked", "ended", "sent_at", "stuck_since")
 
     def __init__(self, conn: EdgeConnection, *, chunked: bool) -> None:
         self.conn = conn
         self.chunked = chunked
         self.ended = False
-        self.sent_at = 0.0  # time.monotonic() when anything was last written: its keep-alive is due after
+        self.sent_at = 0.0  # time.monotonic() of its last write or ping (or skipped ping): the next is due after
+        self.stuck_since = 0.0  # when a ping was first skipped because the client was not reading; 0: it reads
 
     def ping(self) -> None:
-        """A keep-alive comment, unless the client has not read what it was sent: its socket is not
-        idle then (and the next write waits for it, at most `client_write_timeout`)."""
-        conn = self.conn
-        if conn.drained is None or conn.drained.done():
-            conn._write(_PING_CHUNK if self.chunked else PING)
+        self.conn._write(_PING_CHUNK if self.chunked else PING)
 
     async def write(self, data: bytes) -> None:
         await self._send(data, last=False)
@@ -583,6 +580,8 @@ class EdgeStream:
     async def _send(self, data: bytes, *, last: bool) -> None:
         if self.conn.lost:
             raise ConnectionResetError("the client closed the connection")
+        if last:  # no keep-alive may follow the end of the body, while it drains or after
+            self.conn.edge.keepalives.discard(self)
         if self.chunked:
             data = (b"%x\r\n%b\r\n" % (len(data), data) if data else b"") + (_LAST_CHUNK if last else b"")
         if data:
@@ -655,13 +654,13 @@ class _Forwarded:
 class Edge:
     """The protocol factory `loop.create_server` calls: one `EdgeConnection` per client connection.
 
-    The edge pings its streams itself. A timer per stream woke the loop for each ping and kept a heap
-    of timers as large as the number of open streams: 10,000 idle streams at the default 15 s were
-    670 wake-ups a second, each a task switch, a heap update and a write. On a timing wheel, a
-    stream waits in the slot of the step its keep-alive falls due in (`KEEPALIVE_SLOTS` steps an
-    interval), and each step wakes the loop once to ping every stream due then; a stream that has
-    written since is moved on, not pinged. A stream is pinged after between half a step less than
-    `keepalive_interval` of silence and one step more.
+    The edge pings its streams itself. A timer per stream kept a heap of timers as large as the
+    number of open streams, and each ping was a timer callback and a task switch before its write:
+    10,000 idle streams at the default 15 s made 667 of each a second. On a timing wheel, a stream
+    waits in the slot of the step its keep-alive falls due in (`KEEPALIVE_SLOTS` steps an
+    interval), and each step wakes the loop once to ping every stream due then, straight to its
+    socket; a stream that has written since is moved on, not pinged. A stream is pinged after
+    between half a step less than `keepalive_interval` of silence and two steps more.
     """
 
     def __init__(self, gateway: Gateway, fallback: Callable[[], asyncio.Protocol]) -> None:
@@ -669,24 +668,39 @@ class Edge:
         self.fallback = fallback  # aiohttp's server: a new RequestHandler for a connection handed over
         self.connections: set[EdgeConnection] = set()
         self.tasks = TaskSet("edge")
-        self.keepalives: Wheel[EdgeStream] = Wheel(gateway.config.keepalive_interval / KEEPALIVE_SLOTS,
-                                                   self.keepalive)
+        self.interval = gateway.config.keepalive_interval
+        self.step = self.interval / KEEPALIVE_SLOTS
+        self.write_timeout = gateway.config.client_write_timeout
+        self.keepalives: Wheel[EdgeStream] = Wheel(self.step, self.keepalive)
         self.closing = False
         self.host = ""  # this server's host:port, for a request without a Host header
 
     def __call__(self) -> EdgeConnection:
         return EdgeConnection(self)
 
-    def keepalive(self, stream: EdgeStream, now: float) -> float:
+    def keepalive(self, stream: EdgeStream, now: float) -> float | None:
         """The wheel's look at a stream whose keep-alive fell due: ping it, unless it wrote since it was
-        placed; when its next one is due."""
-        interval = self.gateway.config.keepalive_interval
-        due = stream.sent_at + interval
-        if due - now >= interval / KEEPALIVE_SLOTS / 2:
+        placed; when it is due to be looked at next (None: off the wheel).
+
+        A client that has not read what it was sent gets no ping on top (its socket is not idle),
+        and once it has not for `client_write_timeout`, its connection is closed, as a write that
+        waits that long is cut: an idle stream must not hold its session for a client that is gone.
+        """
+        due = stream.sent_at + self.interval
+        if due - now >= self.step / 2:
             return due
-        stream.ping()
         stream.sent_at = now
-        return now + interval
+        drained = stream.conn.drained
+        if drained is None or drained.done():
+            stream.stuck_since = 0.0
+            stream.ping()
+            return now + self.interval
+        if not stream.stuck_since:
+            stream.stuck_since = now
+        elif now - stream.stuck_since >= self.write_timeout:
+            stream.conn._close()  # its task is cancelled, its stream closed: it resumes from the event log
+            return None
+        return min(now + self.interval, stream.stuck_since + self.write_timeout)
 
     async def close(self, grace: float) -> None:
         """Close idle connections now, give requests in flight `grace` seconds, then cut the rest."""

@@ -101,18 +101,20 @@ async def test_each_stream_is_pinged_only_after_an_interval_of_silence(idle_raw:
     loop = asyncio.get_running_loop()
 
     async def silences(pings: int, busy: bool = False) -> tuple[list[float], int]:
-        """A new session's GET stream, held until `pings` keep-alives came: the silence before each, as
-        read here, and how many messages came. `busy`: after the first ping, messages are sent back to
-        back for three intervals (how many: in `sent`)."""
+        """A new session's GET stream, held until `pings` keep-alives came (and, `busy`, every message
+        sent): the silence before each, as read here, and how many messages came. `busy`: after the
+        first ping, messages are sent back to back for three intervals (how many: in `sent`)."""
         sid = await idle_raw.initialize()  # its stream opens at once, well within its idle timeout
         gaps: list[float] = []
         messages = 0
-        pinged = asyncio.Event()
+        pinged, done = asyncio.Event(), asyncio.Event()
+        if not busy:
+            done.set()
 
         async def read(stream: aiohttp.ClientResponse) -> None:
             nonlocal messages
             last = loop.time()
-            while len(gaps) < pings:
+            while len(gaps) < pings or not done.is_set() or messages < len(sent if busy else ()):
                 line = await stream.content.readline()
                 assert line, "the stream closed while its session was alive"
                 if line.startswith(b": ping"):
@@ -127,19 +129,21 @@ async def test_each_stream_is_pinged_only_after_an_interval_of_silence(idle_raw:
             until = loop.time() + 3 * KEEPALIVE
             while busy and loop.time() < until:
                 sent.append(await idle_raw.call(sid, call_tool(20 + len(sent), "announce_change")))
+            done.set()
 
         headers = {"Mcp-Session-Id": sid, "Accept": "text/event-stream"}
         async with idle_raw.session.get(idle_raw.url, headers=headers) as stream:
             assert stream.status == 200
-            async with asyncio.timeout(30):
-                await asyncio.gather(read(stream), send())
+            async with asyncio.timeout(30), asyncio.TaskGroup() as both:
+                both.create_task(read(stream))
+                both.create_task(send())
         return gaps, messages
 
     sent: list[dict[str, object]] = []
     held = await asyncio.gather(*(silences(3, busy=i == 0) for i in range(4)))
     for gaps, _ in held:
-        # Pinged after between half a wheel step less than the interval and a step more; read here,
-        # with some slack for the reading.
+        # Pinged after between half a wheel step less than the interval and two steps more; read
+        # here, with slack for the reading.
         assert min(gaps) >= KEEPALIVE / 2, f"a ping came after only {min(gaps):.3f}s of silence"
     assert held[0][1] == len(sent) > 3, "the announcements did not come on the stream"
     again, _ = await silences(2)  # the wheel emptied when the streams closed
