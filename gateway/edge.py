@@ -412,7 +412,7 @@ class EdgeConnection(asyncio.Protocol):
         try:
             self._write(head)
             out.sent_at = time.monotonic()
-            keepalives.add(out, out.sent_at + self.edge.gateway.config.keepalive_interval)
+            keepalives.add(out, out.sent_at + self.edge.interval)
             await self.edge.gateway.pipe(stream, out, TRANSPORT, edge=True)
         finally:
             keepalives.discard(out)
