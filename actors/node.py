@@ -230,6 +230,7 @@ class Node:
             return actor, None
         stream = actor.submit([initialize], JSON)
         assert stream is not None
+        actor.untimed(initialize["id"])  # the start's own timeout bounds it, below
         try:
             async with asyncio.timeout(self.config.upstream_start_timeout):
                 answer = await _answer(actor, stream)

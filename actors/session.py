@@ -152,6 +152,12 @@ class SessionActor:
         # A JSON answer is never replayed, so never logged; an AUTO one is logged once it is a stream.
         return self.log.open(logged=mode == SSE, undecided=mode == AUTO)
 
+    def untimed(self, request_id: RequestId) -> None:
+        """Lift `upstream_request_timeout` from a request the caller bounds itself: the initialize
+        of a start, which `upstream_start_timeout` bounds (a server may take longer to start than
+        to answer any later request)."""
+        self._deadlines.discard(request_id)
+
     def _expect(self, request: Message, stream: StreamLog) -> None:
         request_id = request["id"]
         self.pending[request_id] = stream

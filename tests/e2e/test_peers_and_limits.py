@@ -98,6 +98,22 @@ async def test_upstream_that_never_answers_is_504_and_reaped(tmp_path: Path,
         assert up.stop() == 0
 
 
+async def test_a_server_slower_to_start_than_the_request_timeout_still_starts(tmp_path: Path,
+                                                                             http: aiohttp.ClientSession) -> None:
+    """`upstream_start_timeout` bounds a start's initialize, not `upstream_request_timeout`: a server
+    that takes longer to start than any request may take to answer gets its session."""
+    slow_start = f"sh -c 'sleep 1.5 && exec {sys.executable} -m tether_demo.light'"
+    up = start_tether(tmp_path, "--upstream-command", slow_start, "--upstream-request-timeout", "0.5",
+                      "--upstream-start-timeout", "20")
+    raw = RawClient(http, up.mcp_url)
+    try:
+        sid = await raw.initialize()
+        status, _, body = await raw.post(LIST, sid=sid, accept="application/json")
+        assert status == 200 and "tools" in orjson.loads(body)["result"], body
+    finally:
+        assert up.stop() == 0
+
+
 async def test_full_nodes_decline_and_the_ring_places_elsewhere(tmp_path: Path,
                                                                 http: aiohttp.ClientSession) -> None:
     up = start_tether(tmp_path, "--max-sessions", "1")
