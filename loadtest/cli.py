@@ -36,8 +36,10 @@ SCENARIOS: dict[str, Scenario] = {
 LOCAL_ONLY = ("scale",)  # scenarios that start their own target
 
 
-async def run_scenario(name: str, options: Options, progress: bool = False) -> dict[str, Any]:
-    """Run one scenario to its end; the result as the JSON report holds it."""
+async def run_scenario(name: str, options: Options, progress: bool = False,
+                       cpu: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Run one scenario to its end; the result as the JSON report holds it. `cpu` reads the CPU
+    seconds the target has used so far, for a scenario that measures it over part of its run."""
     if name == "scale":
         from loadtest.scale import scale
 
@@ -45,7 +47,7 @@ async def run_scenario(name: str, options: Options, progress: bool = False) -> d
     scenario = SCENARIOS[name]
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as http:
-        run = Run(options, http)
+        run = Run(options, http, cpu)
         with Progress(run, enabled=progress) as bar:
             extra = await scenario(run, bar.tick)
         seconds = run.now()

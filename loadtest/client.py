@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,10 @@ class SseEvent:
     data: str
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
-    """Parse a text/event-stream body into events (comments and retry lines skipped)."""
+async def sse_events(response: aiohttp.ClientResponse,
+                     on_comment: Callable[[], None] | None = None) -> AsyncIterator[SseEvent]:
+    """Parse a text/event-stream body into events (retry lines skipped); `on_comment` is called for
+    each comment line, such as a keep-alive ping."""
     event_id: str | None = None
     data: list[str] = []
     async for raw in response.content:
@@ -69,6 +71,9 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent
             if data:
                 yield SseEvent(event_id, "\n".join(data))
             event_id, data = None, []
+        elif line.startswith(":"):
+            if on_comment is not None:
+                on_comment()
         elif line.startswith("data:"):
             data.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
         elif line.startswith("id:"):

@@ -6,7 +6,8 @@ repetition, each target's throughput as a ratio of the first target's. Each targ
 started fresh (see recipes.py) and stopped after its run. CPU and memory are read from
 /proc for the proxy's own processes: CPU time per answered request, and resident memory
 at its peak during the run above where it started, per session (for `tether-distributed` that
-includes Redis). Processes that exit during a run are not counted.
+includes Redis); for idle streams, the share of a core used while they are idle. Processes that
+exit during a run are not counted.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ async def _one(scenario: str, options: Options, name: str, upstream: str, repeti
         target = await asyncio.to_thread(RECIPES[name], upstream, workdir)
         usage = Usage(target)
         sampler.spawn(usage.sample_until_cancelled(), "rss")
-        result = await run_scenario(scenario, dataclasses.replace(options, target=",".join(target.urls)), progress)
+        result = await run_scenario(scenario, dataclasses.replace(options, target=",".join(target.urls)), progress,
+                                    usage.cpu_used if target.proxy_pids() else None)
         cpu = usage.cpu_used()
         answered = result["requests"] - result["errors"]  # right or wrong, the proxy did the work
         measured = bool(target.proxy_pids())
@@ -154,6 +156,8 @@ def rows(results: list[dict[str, Any]], recipes: list[str], repetitions: int) ->
             "p99": median([r["latency_seconds"]["p99"] for r in runs]),
             "cpu_ms_per_request": median([r["proxy"]["cpu_ms_per_request"] for r in runs]),
             "mb_per_session": median([r["proxy"]["mb_per_session"] for r in runs]),
+            "idle_cpu_percent": median([r["extra"].get("idle", {}).get("cpu_percent") for r in runs]),
+            "keepalives_per_second": median([r["extra"].get("idle", {}).get("keepalives_per_second") for r in runs]),
             "errors": sum(r["errors"] for r in runs),
             "violations": sum(r["violations"] for r in runs),
             "ratios": [r["throughput_rps"] / first[r["repetition"]] if first.get(r["repetition"]) else 0.0

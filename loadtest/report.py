@@ -36,6 +36,10 @@ def table(result: dict[str, Any]) -> str:
         ("violations", f"{result['violations']}  {_kinds(result['violations_by_kind'])}"),
     ]
     rows += [(name, str(value)) for name, value in result["counters"].items()]
+    if idle := result.get("extra", {}).get("idle"):
+        cpu = f", target CPU {idle['cpu_percent']:.2f} % of a core" if "cpu_percent" in idle else ""
+        rows.append(("idle", f"{idle['streams']} streams over {idle['seconds']:.1f} s from {idle['from']:.1f} s: "
+                             f"{idle['keepalives_per_second']:g} keep-alives/s{cpu}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name.rjust(width)}  {value}" for name, value in rows]
     lines += [f"{'!'.rjust(width)}  {e['kind']} at {e['at']}s: {e['detail']}" for e in result["violation_examples"][:5]]
@@ -51,16 +55,27 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     first target's; and, against the first target whose CPU was measured, in the same repetition, its
     throughput, p99 and CPU a request (medians of those ratios)."""
     reference = rows[0].get("reference") if rows else None
-    head = ["target", "req/s", "answered/s", "p50", "p99", "CPU ms/req", "MB/session", "errors", "violations",
+    idle = any(r.get("keepalives_per_second") is not None for r in rows)  # idle-streams with no event due
+    head = ["target", "req/s", "answered/s", "p50", "p99", "CPU ms/req", "MB/session",
+            *(["idle CPU", "keep-alives/s"] if idle else []), "errors", "violations",
             "vs first", f"vs {reference}: req/s p99 CPU" if reference else "vs -"]
     body = [[r["target"], f"{r['throughput_rps']:.0f}", f"{r['answered_rps']:.0f}", fmt_seconds(r["p50"]),
              fmt_seconds(r["p99"]),
              "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.3f}",
              "-" if r["mb_per_session"] is None else f"{r['mb_per_session']:.2f}",
+             *([_idle_cpu(r.get("idle_cpu_percent")), _number(r.get("keepalives_per_second"))] if idle else []),
              str(r["errors"]), str(r["violations"]), " ".join(f"{x:.2f}" for x in r["ratios"]),
              _against(r.get("vs_reference"))] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in [head, *body])
+
+
+def _idle_cpu(percent: float | None) -> str:
+    return "-" if percent is None else f"{percent:.2f} %"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _against(ratios: dict[str, float | None] | None) -> str:

@@ -53,9 +53,11 @@ class Options:
 class Run:
     """Shared by every task of a run: options, recorder, clock, request budget."""
 
-    def __init__(self, options: Options, http: aiohttp.ClientSession) -> None:
+    def __init__(self, options: Options, http: aiohttp.ClientSession,
+                 cpu: Callable[[], float] | None = None) -> None:
         self.options = options
         self.http = http
+        self.cpu = cpu  # CPU seconds the target's processes have used so far, where `--compare` knows them
         self.recorder = Recorder()
         self.started = time.monotonic()
         self.budget = options.max_requests

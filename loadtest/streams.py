@@ -9,6 +9,12 @@ arrived.
 
 `resume` also cuts each stream at random points and reconnects with `Last-Event-ID`, as a
 client on a flaky network does; a target that resumes correctly loses and repeats nothing.
+
+`idle-streams` with no event due (`tick_interval` past `duration`) measures what idle streams
+cost. Over the second half of the time every session holds its stream (from the end of the ramp
+to the end of the duration), once arrivals have settled, it counts the keep-alive comments the
+streams receive and, where `--compare` reads the target's CPU, the CPU the target uses: as a
+share of a core, and per keep-alive.
 """
 
 from __future__ import annotations
@@ -31,12 +37,24 @@ OPEN_TIMEOUT = 10.0
 RECONNECT = 0.1  # seconds before reopening a stream the server ended
 
 
+class Streams:
+    """What every session's stream adds to: how many are open, and the keep-alives received."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.keepalives = 0
+
+    def keepalive(self) -> None:
+        self.keepalives += 1
+
+
 class TickStream:
     """One session's stream and what it has received."""
 
-    def __init__(self, run: Run, index: int, cut: bool, rng: random.Random,
+    def __init__(self, run: Run, streams: Streams, index: int, cut: bool, rng: random.Random,
                  progress: Callable[[], None] | None = None) -> None:
         self.run = run
+        self.streams = streams
         self.progress = progress
         self.index = index
         self.cut = cut
@@ -58,7 +76,11 @@ class TickStream:
                     self.opened.set()
                     if was_cut:
                         self.run.recorder.count("streams_resumed")
-                    was_cut = await self._read(response)
+                    self.streams.open += 1
+                    try:
+                        was_cut = await self._read(response)
+                    finally:
+                        self.streams.open -= 1
             except Failed as failed:
                 self.run.recorder.error(self.run.now(), failed.kind)
                 if failed.kind == "http_404":
@@ -72,7 +94,7 @@ class TickStream:
         """Read events until the stream ends (False) or, in `resume`, until a random moment (True)."""
         try:
             async with asyncio.timeout(self.rng.uniform(*CUT_AFTER) if self.cut else None):
-                async for event in sse_events(response):
+                async for event in sse_events(response, self.streams.keepalive):
                     if event.id:
                         self.last_event_id = event.id
                     if event.data:  # a priming event carries only its id
@@ -108,11 +130,11 @@ class TickStream:
                     await self.changed.wait()
 
 
-async def one_session(run: Run, index: int, cut: bool, rng: random.Random,
+async def one_session(run: Run, streams: Streams, index: int, cut: bool, rng: random.Random,
                       progress: Callable[[], None] | None) -> None:
     rec, o = run.recorder, run.options
     await run.sleep_until(index * o.ramp / o.sessions)  # a crowd arrives over the ramp, not in one instant
-    stream = TickStream(run, index, cut, rng, progress)
+    stream = TickStream(run, streams, index, cut, rng, progress)
     try:
         await stream.client.initialize()
     except Failed as failed:
@@ -160,15 +182,42 @@ async def resume(run: Run, progress: Callable[[], None] | None = None) -> dict[s
 async def _streams(run: Run, cut: bool, progress: Callable[[], None] | None) -> dict[str, Any]:
     rng = random.Random(run.options.seed)
     o = run.options
+    streams = Streams()
     tasks = TaskSet("streams")
-    sessions = [tasks.spawn(one_session(run, i, cut, random.Random(rng.random()), progress), "session")
+    sessions = [tasks.spawn(one_session(run, streams, i, cut, random.Random(rng.random()), progress), "session")
                 for i in range(o.sessions)]
+    quiet = not cut and o.tick_interval > o.duration and o.duration > o.ramp  # every stream held, none sent to
+    idle = tasks.spawn(measure_idle(run, streams), "idle") if quiet else None
     # Each session: start (2 requests), open, tick, the ticks, catch up, ask, delete.
     _, late = await asyncio.wait(sessions, timeout=o.ramp + o.duration + CATCH_UP + OPEN_TIMEOUT + 5 * o.timeout)
     for _ in late:
         run.recorder.error(run.now(), "unfinished")
+    extra: dict[str, Any] = {"tick_interval": o.tick_interval, "ramp": o.ramp}
+    if idle is not None and idle.done() and not idle.cancelled():
+        extra["idle"] = idle.result()
     await tasks.close()
     for task in sessions:  # one still unfinished (its DELETE outlived the close) was counted above
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
             raise exc  # a bug in the scenario, not a finding about the target
-    return {"tick_interval": o.tick_interval, "ramp": o.ramp}
+    return extra
+
+
+async def measure_idle(run: Run, streams: Streams) -> dict[str, Any]:
+    """Keep-alives received and the target's CPU over the second half of the time every session
+    holds its stream; the first half lets the tail of the arrivals settle (a session's first
+    lease renewals, the garbage of its start)."""
+    o = run.options
+    start, end = (o.ramp + o.duration) / 2, o.duration - min(1.0, (o.duration - o.ramp) / 10)
+    await run.sleep_until(start)
+    began, keepalives, held = run.now(), streams.keepalives, streams.open
+    cpu = run.cpu() if run.cpu is not None else None
+    await run.sleep_until(end)
+    seconds, received = run.now() - began, streams.keepalives - keepalives
+    result: dict[str, Any] = {"from": round(began, 3), "seconds": round(seconds, 3),
+                              "streams": min(held, streams.open), "keepalives": received,
+                              "keepalives_per_second": round(received / seconds, 2)}
+    if cpu is not None and run.cpu is not None:
+        used = run.cpu() - cpu
+        result |= {"cpu_seconds": round(used, 3), "cpu_percent": round(used / seconds * 100, 3),
+                   "cpu_us_per_keepalive": round(used / received * 1e6, 1) if received else None}
+    return result

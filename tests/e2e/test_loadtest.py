@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from loadtest import report
 from loadtest.cli import run_scenario
 from loadtest.run import Options
 from tests.oracles import faulty_stream, light_http_servers, non_sticky, one_session, serving
@@ -121,6 +122,7 @@ async def test_idle_streams_ramps_its_sessions_in(light_tether: TetherUp) -> Non
     assert result["counters"]["events_received"] == 4 * 5
     assert result["extra"]["ramp"] == 2.0
     assert result["seconds"] >= 1.5 + 0.5  # the last session starts 3/4 into the ramp, then runs its duration
+    assert "idle" not in result["extra"]  # events were due: not idle
 
 
 async def test_idle_streams_with_an_interval_past_the_duration_holds_silent_streams(light_tether: TetherUp) -> None:
@@ -130,6 +132,20 @@ async def test_idle_streams_with_an_interval_past_the_duration_holds_silent_stre
     assert result["counters"].get("events_received", 0) == 0 and result["counters"]["events_expected"] == 0
     assert result["sessions_peak"] == 3
     assert 1.0 <= result["seconds"] < 1000  # held for the duration, not until an event 1,000 s away
+
+
+async def test_idle_streams_counts_the_keepalives_its_silent_streams_receive(light_tether: TetherUp) -> None:
+    result = await run_scenario("idle-streams", Options(light_tether.mcp_url, sessions=3, duration=3.0,
+                                                        tick_interval=1000.0))
+    clean(result)
+    idle = result["extra"]["idle"]
+    assert idle["from"] >= 1.5 and 1.0 <= idle["seconds"] <= 1.5  # the second half of the held time
+    assert idle["streams"] == 3
+    # Each stream is pinged after each 0.3 s of silence: 10 a second for the three, give or take the
+    # edge's step and where the window cuts the pings.
+    assert 6 <= idle["keepalives_per_second"] <= 15, idle
+    assert "cpu_percent" not in idle  # no --compare: the target's processes are not known
+    assert "keep-alives/s" in report.table(result)
 
 
 async def test_sessions_counts_each_new_session_once(light_tether: TetherUp) -> None:
@@ -224,6 +240,20 @@ async def test_compare_interleaves_recipes_and_measures_the_proxy_alone() -> Non
     assert tether["reference"] == "tether" and tether["vs_reference"]["cpu"] == 1.0  # the only one measured
     with pytest.raises(ValueError, match="supergateway cannot front a http upstream"):
         await compare("tools", Options(""), ["supergateway"], "http", 1)
+
+
+async def test_compare_reads_the_cpu_of_idle_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest.compare import compare
+
+    monkeypatch.setenv("TETHER_KEEPALIVE_INTERVAL", "0.25")  # `tether up` reads it: four pings a second a stream
+    results, rows = await compare("idle-streams", Options("", sessions=3, duration=3.0, tick_interval=1000.0),
+                                  ["tether"], "http", 1)
+    idle = results[0]["extra"]["idle"]
+    assert idle["streams"] == 3 and idle["cpu_seconds"] >= 0 and idle["cpu_percent"] >= 0
+    assert 7 <= idle["keepalives_per_second"] <= 18, idle
+    assert rows[0]["idle_cpu_percent"] == idle["cpu_percent"]
+    assert rows[0]["keepalives_per_second"] == idle["keepalives_per_second"]
+    assert "idle CPU" in report.compare_table(rows)
 
 
 def test_instructions_counts_each_process_of_tether_under_callgrind(tmp_path: Path) -> None:

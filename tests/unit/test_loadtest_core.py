@@ -124,7 +124,7 @@ def test_options_refuse_a_value_out_of_range_by_name(field: str, value: float) -
 def _run(target: str, repetition: int, rps: float, p99: float, cpu: float | None) -> dict[str, Any]:
     return {"target": target, "repetition": repetition, "throughput_rps": rps, "answered_rps": rps,
             "latency_seconds": {"p50": p99 / 2, "p99": p99}, "errors": 0, "violations": 0,
-            "proxy": {"cpu_ms_per_request": cpu, "mb_per_session": None if cpu is None else 0.01}}
+            "proxy": {"cpu_ms_per_request": cpu, "mb_per_session": None if cpu is None else 0.01}, "extra": {}}
 
 
 def test_compare_reads_each_target_against_the_first_measured_proxy_in_the_same_repetition() -> None:
