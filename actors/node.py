@@ -60,7 +60,7 @@ class Node:
         self.metrics = NodeMetrics(node_id)
         self.draining = False
         self.limits = ActorLimits(config.idle_timeout, config.mailbox_depth, config.event_log_size,
-                                  config.kill_grace, config.upstream_request_timeout)
+                                  config.kill_grace, config.upstream_request_timeout, config.upstream_start_timeout)
         self.process_limits = ProcessLimits(config.upstream_max_memory, config.upstream_max_cpu,
                                             config.upstream_max_files)
         self.process_limits.check()

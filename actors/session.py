@@ -51,6 +51,7 @@ class ActorLimits:
     event_log_size: int
     kill_grace: float
     request_timeout: float
+    start_timeout: float = 30.0  # an `initialize` request's, in place of request_timeout
 
 
 class SessionActor:
@@ -78,6 +79,7 @@ class SessionActor:
         self.ended: str | None = None  # the reason, once ending has begun
         self.initialize_answer: Message | None = None  # a named session's: clients that join it get it too
         self._deadlines: Deadlines[RequestId] = Deadlines(limits.request_timeout, self._expire)
+        self._starting: Deadlines[RequestId] = Deadlines(limits.start_timeout, self._expire_initialize)
         self._changed = Broadcast()  # notified whenever any stream gets an event
         self._initialized_sent = False
         self._writer_idle = False  # the writer waits on an empty mailbox: a message may go straight out
@@ -153,10 +155,10 @@ class SessionActor:
         return self.log.open(logged=mode == SSE, undecided=mode == AUTO)
 
     def untimed(self, request_id: RequestId) -> None:
-        """Lift `upstream_request_timeout` from a request the caller bounds itself: the initialize
-        of a start, which `upstream_start_timeout` bounds (a server may take longer to start than
-        to answer any later request)."""
+        """Lift the deadline from a request the caller bounds itself: the node waits for the
+        initialize of a session it creates, and answers its client when it runs out."""
         self._deadlines.discard(request_id)
+        self._starting.discard(request_id)
 
     def _expect(self, request: Message, stream: StreamLog) -> None:
         request_id = request["id"]
@@ -166,13 +168,20 @@ class SessionActor:
         if isinstance(token, str | int):
             self.tokens[token] = request_id
             self._token_of[request_id] = token
-        self._deadlines.add(request_id)
+        # `initialize` is bounded by upstream_start_timeout: a server may take longer to start than
+        # to answer any later request (a WebSocket or HTTP+SSE client sends it once the server runs).
+        (self._starting if request.get("method") == "initialize" else self._deadlines).add(request_id)
 
     def _expire(self, request_id: RequestId) -> None:
+        self._time_out(request_id, f"Upstream did not answer within {self.limits.request_timeout:g}s")
+
+    def _expire_initialize(self, request_id: RequestId) -> None:
+        self._time_out(request_id, f"Upstream did not answer initialize within {self.limits.start_timeout:g}s")
+
+    def _time_out(self, request_id: RequestId, reason: str) -> None:
         """The upstream took too long: answer the client with an error and tell the upstream to stop."""
         if request_id not in self.pending:
             return
-        reason = f"Upstream did not answer within {self.limits.request_timeout:g}s"
         self.deliver(error_response(request_id, REQUEST_TIMEOUT, reason))
         self._cancel_upstream(request_id, reason)
 
@@ -315,6 +324,7 @@ class SessionActor:
         """Forget a request: it is answered, or nobody waits for it any more."""
         del self.pending[request_id]
         self._deadlines.discard(request_id)
+        self._starting.discard(request_id)
         if (token := self._token_of.pop(request_id, None)) is not None:
             self.tokens.pop(token, None)
 
@@ -346,6 +356,7 @@ class SessionActor:
         self._writer_idle = False  # nothing more goes to the upstream
         self._notify()  # readers see the session is over once they have what is left
         self._deadlines.close()
+        self._starting.close()
         await self._tasks.close()
         detail = await self.upstream.stop(self.limits.kill_grace)
         log.info("session.ended", extra={"node": self.record.node_id, "sid": self.tag, "reason": self.ended,

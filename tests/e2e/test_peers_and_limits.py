@@ -14,6 +14,7 @@ import aiohttp
 import mcp.types as types
 import orjson
 import pytest
+import websockets
 from mcp.client.client import Client
 
 from actors.sse import Parser
@@ -100,8 +101,10 @@ async def test_upstream_that_never_answers_is_504_and_reaped(tmp_path: Path,
 
 async def test_a_server_slower_to_start_than_the_request_timeout_still_starts(tmp_path: Path,
                                                                              http: aiohttp.ClientSession) -> None:
-    """`upstream_start_timeout` bounds a start's initialize, not `upstream_request_timeout`: a server
-    that takes longer to start than any request may take to answer gets its session."""
+    """`upstream_start_timeout` bounds initialize, not `upstream_request_timeout`: a server that takes
+    longer to start than any request may take to answer gets its session, over Streamable HTTP (the
+    node waits for initialize as it creates the session) and over WebSocket (the client sends it
+    once the server was spawned)."""
     slow_start = f"sh -c 'sleep 1.5 && exec {sys.executable} -m tether_demo.light'"
     up = start_tether(tmp_path, "--upstream-command", slow_start, "--upstream-request-timeout", "0.5",
                       "--upstream-start-timeout", "20")
@@ -110,6 +113,11 @@ async def test_a_server_slower_to_start_than_the_request_timeout_still_starts(tm
         sid = await raw.initialize()
         status, _, body = await raw.post(LIST, sid=sid, accept="application/json")
         assert status == 200 and "tools" in orjson.loads(body)["result"], body
+        async with asyncio.timeout(30), websockets.connect(up.base_url.replace("http://", "ws://") + "/ws",
+                                                           subprotocols=[websockets.Subprotocol("mcp")]) as ws:
+            await ws.send(orjson.dumps(initialize_message()).decode())
+            answer = orjson.loads(await ws.recv())
+            assert answer["result"]["serverInfo"], answer
     finally:
         assert up.stop() == 0
 
