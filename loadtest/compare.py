@@ -6,8 +6,8 @@ repetition, each target's throughput as a ratio of the first target's. Each targ
 started fresh (see recipes.py) and stopped after its run. CPU and memory are read from
 /proc for the proxy's own processes: CPU time per answered request, and resident memory
 at its peak during the run above where it started, per session (for `tether-distributed` that
-includes Redis); for idle streams, the share of a core used while they are idle. Processes that
-exit during a run are not counted.
+includes Redis); for idle streams, the share of a core used while they are idle. A process that
+exits during a run counts with the CPU it had used when last read.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class Usage:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.cpu_start = self._cpu()
+        self.cpu_last = dict(self.cpu_start)  # each process's latest reading, kept once it has exited
         self.rss_start = self._rss()
         self.rss_peak = self.rss_start
 
@@ -71,8 +72,10 @@ class Usage:
             await asyncio.sleep(SAMPLE_EVERY)
 
     def cpu_used(self) -> float:
-        end = self._cpu()
-        return sum(end[pid] - self.cpu_start.get(pid, 0.0) for pid in end)
+        """CPU seconds used since the start, never less than at an earlier call: a process that
+        exited counts as at its last reading."""
+        self.cpu_last.update(self._cpu())
+        return sum(cpu - self.cpu_start.get(pid, 0.0) for pid, cpu in self.cpu_last.items())
 
 
 def check(recipes: list[str], upstream: str) -> None:

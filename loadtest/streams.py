@@ -13,8 +13,8 @@ client on a flaky network does; a target that resumes correctly loses and repeat
 `idle-streams` with no event due (`tick_interval` past `duration`) measures what idle streams
 cost. Over the second half of the time every session holds its stream (from the end of the ramp
 to the end of the duration), once arrivals have settled, it counts the keep-alive comments the
-streams receive and, where `--compare` reads the target's CPU, the CPU the target uses: as a
-share of a core, and per keep-alive.
+streams receive and, where `--compare` reads the target's CPU, the CPU the target uses, as a
+share of a core. The run must outlast its ramp (`duration` > `ramp`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from loadtest.client import Failed, HttpSession, sse_events
-from loadtest.run import Run
+from loadtest.run import Options, Run
 from tether.tasks import TaskSet
 
 CATCH_UP = 5.0  # seconds the stream may take, after the last tick, to deliver what is owed
@@ -186,28 +186,34 @@ async def _streams(run: Run, cut: bool, progress: Callable[[], None] | None) -> 
     tasks = TaskSet("streams")
     sessions = [tasks.spawn(one_session(run, streams, i, cut, random.Random(rng.random()), progress), "session")
                 for i in range(o.sessions)]
-    quiet = not cut and o.tick_interval > o.duration and o.duration > o.ramp  # every stream held, none sent to
-    idle = tasks.spawn(measure_idle(run, streams), "idle") if quiet else None
+    window = None if cut or o.tick_interval <= o.duration else idle_window(o)  # held streams, no event sent
+    idle = tasks.spawn(measure_idle(run, streams, *window), "idle") if window else None
     # Each session: start (2 requests), open, tick, the ticks, catch up, ask, delete.
     _, late = await asyncio.wait(sessions, timeout=o.ramp + o.duration + CATCH_UP + OPEN_TIMEOUT + 5 * o.timeout)
     for _ in late:
         run.recorder.error(run.now(), "unfinished")
-    extra: dict[str, Any] = {"tick_interval": o.tick_interval, "ramp": o.ramp}
-    if idle is not None and idle.done() and not idle.cancelled():
-        extra["idle"] = idle.result()
     await tasks.close()
+    extra: dict[str, Any] = {"tick_interval": o.tick_interval, "ramp": o.ramp}
+    if idle is not None and not idle.cancelled():
+        extra["idle"] = idle.result()
     for task in sessions:  # one still unfinished (its DELETE outlived the close) was counted above
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
             raise exc  # a bug in the scenario, not a finding about the target
     return extra
 
 
-async def measure_idle(run: Run, streams: Streams) -> dict[str, Any]:
-    """Keep-alives received and the target's CPU over the second half of the time every session
-    holds its stream; the first half lets the tail of the arrivals settle (a session's first
-    lease renewals, the garbage of its start)."""
-    o = run.options
-    start, end = (o.ramp + o.duration) / 2, o.duration - min(1.0, (o.duration - o.ramp) / 10)
+def idle_window(o: Options) -> tuple[float, float] | None:
+    """When to measure idle streams (run time): the second half of the time every session holds its
+    stream, from the end of the ramp to the end of the duration, less a margin before the first
+    ones leave. The first half lets the tail of the arrivals settle (a session's first lease
+    renewals, the garbage of its start). None when no time has every stream held."""
+    if o.duration <= o.ramp:
+        return None
+    return (o.ramp + o.duration) / 2, o.duration - min(1.0, (o.duration - o.ramp) / 10)
+
+
+async def measure_idle(run: Run, streams: Streams, start: float, end: float) -> dict[str, Any]:
+    """Keep-alives received and the target's CPU from `start` to `end`."""
     await run.sleep_until(start)
     began, keepalives, held = run.now(), streams.keepalives, streams.open
     cpu = run.cpu() if run.cpu is not None else None

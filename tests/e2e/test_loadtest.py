@@ -139,7 +139,7 @@ async def test_idle_streams_counts_the_keepalives_its_silent_streams_receive(lig
                                                         tick_interval=1000.0))
     clean(result)
     idle = result["extra"]["idle"]
-    assert idle["from"] >= 1.5 and 1.0 <= idle["seconds"] <= 1.5  # the second half of the held time
+    assert idle["from"] >= 1.5  # the second half of the held time (its arithmetic: test_loadtest_core)
     assert idle["streams"] == 3
     # Each stream is pinged after each 0.3 s of silence: 10 a second for the three, give or take the
     # edge's step and where the window cuts the pings.

@@ -147,3 +147,33 @@ def test_compare_reads_each_target_against_the_first_measured_proxy_in_the_same_
     table = compare_table([direct, nginx, tether])
     assert "vs nginx: req/s p99 CPU" in table.splitlines()[0]
     assert table.splitlines()[3].rstrip().endswith("0.75 1.50x 6.00x")
+
+
+@pytest.mark.parametrize(("ramp", "duration", "window"), [
+    (30.0, 150.0, (90.0, 149.0)),  # a minute after the last arrival, to a second before the first leaves
+    (0.0, 3.0, (1.5, 2.7)),  # a short run keeps a tenth of its held time as the margin
+    (10.0, 10.0, None),  # no moment when every stream is held
+    (20.0, 10.0, None),
+])
+def test_idle_streams_measure_the_second_half_of_the_time_all_streams_are_held(
+        ramp: float, duration: float, window: tuple[float, float] | None) -> None:
+    from loadtest.streams import idle_window
+
+    got = idle_window(Options("http://unused", duration=duration, ramp=ramp))
+    assert got == (pytest.approx(window) if window else None)
+
+
+def test_compare_counts_a_process_that_exits_at_its_last_reading() -> None:
+    """Idle CPU is the difference of two readings: one must never be less than the one before."""
+    import os
+
+    from loadtest.compare import Usage
+    from loadtest.recipes import Target
+
+    pids = [os.getpid(), 2**22 + 1]  # this process, and one /proc does not have (as if it had exited)
+    usage = Usage(Target([], lambda: pids))
+    usage.cpu_start[2**22 + 1] = 5.0  # read at the start
+    usage.cpu_last[2**22 + 1] = 7.0  # read again later, 2 s on, before it exited
+    first = usage.cpu_used()
+    assert first >= 2.0
+    assert usage.cpu_used() >= first
