@@ -51,7 +51,7 @@ class ActorLimits:
     event_log_size: int
     kill_grace: float
     request_timeout: float
-    start_timeout: float = 30.0  # an `initialize` request's, in place of request_timeout
+    start_timeout: float  # an `initialize` request's, in place of request_timeout
 
 
 class SessionActor:

@@ -111,11 +111,11 @@ async def _one(scenario: str, options: Options, name: str, upstream: str, repeti
         target = await asyncio.to_thread(RECIPES[name], upstream, workdir)
         usage = Usage(target)
         sampler.spawn(usage.sample_until_cancelled(), "rss")
+        measured = bool(target.proxy_pids())
         result = await run_scenario(scenario, dataclasses.replace(options, target=",".join(target.urls)), progress,
-                                    usage.cpu_used if target.proxy_pids() else None)
+                                    usage.cpu_used if measured else None)
         cpu = usage.cpu_used()
         answered = result["requests"] - result["errors"]  # right or wrong, the proxy did the work
-        measured = bool(target.proxy_pids())
         result |= {"target": name, "repetition": repetition, "upstream": upstream, "proxy": {
             "cpu_seconds": round(cpu, 3),
             "cpu_ms_per_request": cpu * 1000 / answered if answered and measured else None,

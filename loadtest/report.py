@@ -61,21 +61,17 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             "vs first", f"vs {reference}: req/s p99 CPU" if reference else "vs -"]
     body = [[r["target"], f"{r['throughput_rps']:.0f}", f"{r['answered_rps']:.0f}", fmt_seconds(r["p50"]),
              fmt_seconds(r["p99"]),
-             "-" if r["cpu_ms_per_request"] is None else f"{r['cpu_ms_per_request']:.3f}",
-             "-" if r["mb_per_session"] is None else f"{r['mb_per_session']:.2f}",
-             *([_idle_cpu(r.get("idle_cpu_percent")), _number(r.get("keepalives_per_second"))] if idle else []),
+             _or_dash(r["cpu_ms_per_request"], ".3f"), _or_dash(r["mb_per_session"], ".2f"),
+             *([_or_dash(r.get("idle_cpu_percent"), ".2f", " %"), _or_dash(r.get("keepalives_per_second"), "g")]
+               if idle else []),
              str(r["errors"]), str(r["violations"]), " ".join(f"{x:.2f}" for x in r["ratios"]),
              _against(r.get("vs_reference"))] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in [head, *body])
 
 
-def _idle_cpu(percent: float | None) -> str:
-    return "-" if percent is None else f"{percent:.2f} %"
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+def _or_dash(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
 
 
 def _against(ratios: dict[str, float | None] | None) -> str:

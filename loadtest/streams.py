@@ -216,14 +216,13 @@ async def measure_idle(run: Run, streams: Streams, start: float, end: float) -> 
     """Keep-alives received and the target's CPU from `start` to `end`."""
     await run.sleep_until(start)
     began, keepalives, held = run.now(), streams.keepalives, streams.open
-    cpu = run.cpu() if run.cpu is not None else None
+    cpu_before = run.cpu() if run.cpu is not None else 0.0
     await run.sleep_until(end)
     seconds, received = run.now() - began, streams.keepalives - keepalives
     result: dict[str, Any] = {"from": round(began, 3), "seconds": round(seconds, 3),
                               "streams": min(held, streams.open), "keepalives": received,
                               "keepalives_per_second": round(received / seconds, 2)}
-    if cpu is not None and run.cpu is not None:
-        used = run.cpu() - cpu
-        result |= {"cpu_seconds": round(used, 3), "cpu_percent": round(used / seconds * 100, 3),
-                   "cpu_us_per_keepalive": round(used / received * 1e6, 1) if received else None}
+    if run.cpu is not None:
+        used = run.cpu() - cpu_before
+        result |= {"cpu_seconds": round(used, 3), "cpu_percent": round(used / seconds * 100, 3)}
     return result
